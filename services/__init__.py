@@ -1,0 +1,1 @@
+"""Services: policy, judge, trainer, coordinator (see docs/architecture.md)."""

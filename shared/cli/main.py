@@ -1,0 +1,37 @@
+"""`selfreward` command line: one typer app, a sub-app per area.
+
+Each area's commands live in their own module (config_cmd, data_cmd, policy_cmd, judge_cmd,
+train_cmd, run_cmd, eval_cmd, serve_cmd). Modules import heavy libraries (torch, vLLM, TRL)
+inside the command functions, so `selfreward --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from selfreward import __version__
+from selfreward.cli import config_cmd
+
+app = typer.Typer(
+    name="selfreward",
+    help="Align small language models with online AI feedback (self-rewarding, teacher-reward, "
+    "teacher-demonstration DPO).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(config_cmd.app, name="config")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Clients of the services and remote APIs (OpenAI-compatible, Gemini, judge, coordinator)."""

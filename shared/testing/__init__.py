@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and smoke runs (tiny models, local servers)."""
