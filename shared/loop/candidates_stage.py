@@ -1,0 +1,122 @@
+"""Stage 2: candidates. N samples per prompt from M(t) through the policy service.
+
+Requests go out concurrently (the client bounds how many are in flight, so vLLM batches
+them); each prompt's samples are appended to candidates.jsonl as soon as they arrive, keyed
+"<prompt_id>:<index>". A resumed stage asks only for the samples still missing. Requests
+are seeded from (run seed, t, prompt id), so a re-run on the same server repeats itself.
+
+In the teacher-demo variant the student writes `student_samples` answers and the teacher
+one more, recorded with `teacher: true` and index -1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from selfreward.clients.openai_compat import OpenAICompatClient
+from selfreward.config import CandidatesConfig
+from selfreward.loop.prompts_stage import derived_seed
+from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.schemas import CandidateRecord, PromptRecord, candidate_id
+from selfreward.storage import ResumableJsonl
+
+TEACHER_INDEX = -1
+
+# (prompt text, seed) -> the teacher's answer
+TeacherWriter = Callable[[str, int], Awaitable[str]]
+
+
+def chat_messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def generate_candidates(
+    client: OpenAICompatClient,
+    model: str,
+    prompts: list[PromptRecord],
+    cfg: CandidatesConfig,
+    out_path: Path,
+    *,
+    samples: int,
+    run_seed: int,
+    t: int,
+    teacher: TeacherWriter | None = None,
+    teacher_name: str | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> dict[str, Any]:
+    out = ResumableJsonl(out_path, key=lambda r: r["id"])
+    finish: dict[str, int] = {}
+    try:
+        total = len(prompts) * (samples + (1 if teacher else 0))
+        task = progress.task(f"candidates (iter {t})", total, done=len(out))
+
+        async def student(p: PromptRecord) -> None:
+            have = sorted(
+                r["index"] for k, r in out.records.items() if k.startswith(f"{p.id}:") and r["index"] >= 0
+            )
+            missing = [i for i in range(samples) if i not in have]
+            if not missing:
+                return
+            gen = await client.chat(
+                model,
+                chat_messages(p.prompt),
+                n=len(missing),
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_tokens,
+                seed=derived_seed(run_seed, t, p.id, len(have)),
+            )
+            for i, choice in zip(missing, gen.choices, strict=True):
+                rec = CandidateRecord(
+                    id=candidate_id(p.id, i),
+                    prompt_id=p.id,
+                    prompt=p.prompt,
+                    index=i,
+                    text=choice.text,
+                    model=model,
+                    finish_reason=choice.finish_reason,
+                )
+                out.append(rec.model_dump())
+                finish[choice.finish_reason or "none"] = finish.get(choice.finish_reason or "none", 0) + 1
+            task.advance(len(missing))
+
+        async def teacher_answer(p: PromptRecord) -> None:
+            assert teacher is not None
+            cid = candidate_id(p.id, TEACHER_INDEX)
+            if cid in out:
+                return
+            text = await teacher(p.prompt, derived_seed(run_seed, t, p.id, "teacher"))
+            rec = CandidateRecord(
+                id=cid,
+                prompt_id=p.id,
+                prompt=p.prompt,
+                index=TEACHER_INDEX,
+                text=text,
+                model=teacher_name or "teacher",
+                teacher=True,
+            )
+            out.append(rec.model_dump())
+            task.advance(1)
+
+        jobs = [student(p) for p in prompts]
+        if teacher is not None:
+            jobs += [teacher_answer(p) for p in prompts]
+        await asyncio.gather(*jobs)
+        task.close()
+        n_student = sum(1 for r in out.records.values() if not r.get("teacher"))
+        n_teacher = len(out) - n_student
+    finally:
+        out.close()
+    empty = sum(1 for r in out.records.values() if not r["text"].strip())
+    return {
+        "prompts": len(prompts),
+        "candidates": n_student,
+        "teacher_answers": n_teacher,
+        "samples_per_prompt": samples,
+        "empty_candidates": empty,
+        "finish_reasons_this_run": finish,
+        "model": model,
+    }

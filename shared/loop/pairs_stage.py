@@ -1,0 +1,130 @@
+"""Stage 4: preference pairs, and the per-iteration feedback report.
+
+Reward variants (self-reward, teacher-reward): per prompt, among the candidates with a score
+(the mean of their parsed verdicts), chosen = the highest score, rejected = the lowest (the
+lowest candidate index wins a tie for either place, so the choice is deterministic). The
+pair is dropped as a tie when best - worst <= pairs.min_margin (with the default 0, only
+equal scores are ties). Prompts with fewer than two scored candidates are dropped and
+counted.
+
+teacher-demo: chosen = the teacher's answer, rejected = the student's sample with index 0
+(the student writes one sample in this variant). Empty answers are dropped and counted.
+
+Output: pairs.jsonl in TRL's conversational prompt/chosen/rejected format plus scores and
+candidate ids, sorted by prompt id (byte-identical on re-run).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Any
+
+from selfreward.schemas import CandidateRecord, JudgmentRecord, PairRecord
+
+
+def _messages(role: str, text: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": text}]
+
+
+def score_histogram(judgments: list[JudgmentRecord]) -> dict[str, int]:
+    """Counts of the candidates' mean scores rounded half up to an integer, plus 'unscored'."""
+    hist: Counter[str] = Counter()
+    for j in judgments:
+        hist["unscored" if j.score is None else str(int(j.score + 0.5))] += 1
+    return {k: hist[k] for k in [*map(str, range(6)), "unscored"] if hist[k]}
+
+
+def reward_pairs(
+    candidates: list[CandidateRecord], judgments: list[JudgmentRecord], min_margin: float
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    by_id = {c.id: c for c in candidates}
+    per_prompt: dict[str, list[tuple[float, int, CandidateRecord]]] = defaultdict(list)
+    verdicts = failures = truncated = 0
+    for j in judgments:
+        verdicts += len(j.verdicts)
+        failures += sum(1 for v in j.verdicts if v.score is None)
+        truncated += int(j.truncated)
+        cand = by_id.get(j.id)
+        if cand is None or j.score is None:
+            continue
+        per_prompt[cand.prompt_id].append((j.score, cand.index, cand))
+    prompts = sorted({c.prompt_id for c in candidates})
+    pairs: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
+    for pid in prompts:
+        scored = per_prompt.get(pid, [])
+        if len(scored) < 2:
+            dropped["fewer_than_two_scored"] += 1
+            continue
+        best = max(scored, key=lambda s: (s[0], -s[1]))
+        worst = min(scored, key=lambda s: (s[0], s[1]))
+        if best[0] - worst[0] <= min_margin:
+            dropped["tie"] += 1
+            continue
+        chosen, rejected = best[2], worst[2]
+        pairs.append(
+            PairRecord(
+                prompt_id=pid,
+                prompt=_messages("user", chosen.prompt),
+                chosen=_messages("assistant", chosen.text),
+                rejected=_messages("assistant", rejected.text),
+                chosen_score=best[0],
+                rejected_score=worst[0],
+                chosen_id=chosen.id,
+                rejected_id=rejected.id,
+            ).model_dump(mode="json")
+        )
+    with_two = len(prompts) - dropped["fewer_than_two_scored"]
+    report = {
+        "prompts": len(prompts),
+        "candidates": len(candidates),
+        "judged": len(judgments),
+        "verdicts": verdicts,
+        "parse_failures": failures,
+        "parse_failure_rate": failures / verdicts if verdicts else 0.0,
+        "truncated_responses": truncated,
+        "tie_rate": dropped["tie"] / with_two if with_two else 0.0,
+        "score_histogram": score_histogram(judgments),
+        "pairs": len(pairs),
+        "dropped": dict(sorted(dropped.items())),
+        "mean_margin": (
+            sum(p["chosen_score"] - p["rejected_score"] for p in pairs) / len(pairs) if pairs else None
+        ),
+    }
+    return pairs, report
+
+
+def demonstration_pairs(candidates: list[CandidateRecord]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    teacher = {c.prompt_id: c for c in candidates if c.teacher}
+    student = {c.prompt_id: c for c in candidates if not c.teacher and c.index == 0}
+    prompts = sorted({c.prompt_id for c in candidates})
+    pairs: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
+    for pid in prompts:
+        t, s = teacher.get(pid), student.get(pid)
+        if t is None or s is None:
+            dropped["missing_answer"] += 1
+            continue
+        if not t.text.strip() or not s.text.strip():
+            dropped["empty_answer"] += 1
+            continue
+        if t.text.strip() == s.text.strip():
+            dropped["identical_answers"] += 1
+            continue
+        pairs.append(
+            PairRecord(
+                prompt_id=pid,
+                prompt=_messages("user", t.prompt),
+                chosen=_messages("assistant", t.text),
+                rejected=_messages("assistant", s.text),
+                chosen_id=t.id,
+                rejected_id=s.id,
+            ).model_dump(mode="json")
+        )
+    report = {
+        "prompts": len(prompts),
+        "candidates": len(candidates),
+        "pairs": len(pairs),
+        "dropped": dict(sorted(dropped.items())),
+    }
+    return pairs, report

@@ -1,0 +1,222 @@
+"""Stage 1: prompts. Self-instruct new prompts with M(t) (or a fixed prompt model), or read a file.
+
+Self-instruct (Yuan et al. 2024, following Wang et al. 2023): each attempt shows the model
+`few_shot` example tasks, `few_shot_generated` of them from prompts generated in earlier
+iterations once they exist and the rest from the seed IFT prompts, and asks for one new task
+(T=0.6, top_p=0.9 by default). The answer is extracted, length-filtered and deduplicated
+(exact and ROUGE-L near-duplicates against the seed prompts, earlier iterations and this one).
+
+Resumability: every attempt, accepted or not, is appended to `prompts.attempts.jsonl` in
+attempt order (a batch is generated concurrently, then written in order), with its raw text,
+the few-shot ids and the verdict. A resumed stage replays that file and continues at the
+next attempt; attempts are seeded from (run seed, t, attempt), so the result is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfreward.clients.openai_compat import OpenAICompatClient
+from selfreward.config import PromptsConfig
+from selfreward.errors import EmptyResultError, InputError
+from selfreward.loop.dedup import NearDuplicateIndex
+from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.prompts import SELF_INSTRUCT_TEMPLATE, load_template
+from selfreward.schemas import PromptRecord
+from selfreward.storage import ResumableJsonl, read_jsonl
+
+_TASK_LABEL = re.compile(r"^\s*(?:task\s*\d*\s*[:.)-]\s*)", re.IGNORECASE)
+_NEXT_TASK = re.compile(r"\n\s*task\s*\d+\s*[:.)]", re.IGNORECASE)
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 31-bit seed from the parts (Python's hash() is salted per process)."""
+    import hashlib
+
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def extract_task(raw: str) -> str:
+    """The first task in a model's answer: label stripped, cut before a following 'Task N:'."""
+    text = raw.strip()
+    text = _TASK_LABEL.sub("", text, count=1)
+    m = _NEXT_TASK.search("\n" + text)
+    if m:
+        text = ("\n" + text)[: m.start()]
+    text = text.strip().strip('"“”').strip()
+    return " ".join(text.split())
+
+
+def judge_task(text: str, cfg: PromptsConfig, index: NearDuplicateIndex) -> tuple[str | None, float]:
+    """(rejection reason or None, best ROUGE-L against kept prompts)."""
+    if not text:
+        return "empty", 0.0
+    n_words = len(text.split())
+    if n_words < cfg.min_words:
+        return "too_short", 0.0
+    if n_words > cfg.max_words:
+        return "too_long", 0.0
+    return index.check(text)
+
+
+def read_prompt_file(path: Path, limit: int | None = None) -> list[PromptRecord]:
+    """A prompt file: JSONL rows with `prompt` or `instruction` (and optional `id`)."""
+    out: list[PromptRecord] = []
+    seen: set[str] = set()
+    for lineno, rec in read_jsonl(path):
+        text = rec.get("prompt", rec.get("instruction"))
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}:{lineno}: needs a non-empty 'prompt' or 'instruction' field")
+        pid = str(rec.get("id", f"file-{lineno:05d}"))
+        if pid in seen:
+            raise InputError(f"{path}:{lineno}: duplicate prompt id {pid!r}")
+        seen.add(pid)
+        out.append(
+            PromptRecord(
+                id=pid, prompt=text.strip(), source="file", provenance={"file": str(path), "line": lineno}
+            )
+        )
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise EmptyResultError(f"{path}: no prompts")
+    return out
+
+
+@dataclass
+class Example:
+    id: str
+    text: str
+
+
+def _few_shot(
+    rng: random.Random, seed_examples: list[Example], generated: list[Example], cfg: PromptsConfig
+) -> list[Example]:
+    n_gen = min(cfg.few_shot_generated, len(generated)) if generated else 0
+    n_seed = min(cfg.few_shot - n_gen, len(seed_examples))
+    shots = rng.sample(seed_examples, n_seed) + rng.sample(generated, n_gen)
+    rng.shuffle(shots)
+    return shots
+
+
+async def self_instruct(
+    client: OpenAICompatClient,
+    model: str,
+    cfg: PromptsConfig,
+    seed_examples: list[Example],
+    earlier_generated: list[Example],
+    out_dir: Path,
+    t: int,
+    run_seed: int,
+    concurrency: int = 16,
+    progress: Progress = NULL_PROGRESS,
+) -> dict[str, Any]:
+    """Write iter-t prompts.jsonl (+ prompts.attempts.jsonl); return the stage counts."""
+    if not seed_examples:
+        raise EmptyResultError("self-instruct needs seed IFT prompts, and the seed has none")
+    template = load_template(SELF_INSTRUCT_TEMPLATE, kind="self-instruct")
+    index = NearDuplicateIndex(cfg.dedup_threshold)
+    for ex in seed_examples + earlier_generated:
+        index.add(ex.text)
+    max_attempts = cfg.num_prompts * cfg.max_rounds
+    reasons: Counter[str] = Counter()
+
+    attempts = ResumableJsonl(out_dir / "prompts.attempts.jsonl", key=lambda r: str(r["attempt"]))
+    prompts = ResumableJsonl(out_dir / "prompts.jsonl", key=lambda r: r["id"])
+    try:
+        # replay earlier attempts in order (the index must see them exactly as before)
+        for a in range(len(attempts)):
+            rec = attempts.records[str(a)]
+            reasons[rec["status"]] += 1
+            if rec["status"] == "accepted":
+                index.add(rec["prompt"])
+                if rec["id"] not in prompts:  # crashed between the two appends
+                    prompts.append(_prompt_record(rec))
+        task = progress.task(f"prompts (iter {t})", cfg.num_prompts, done=len(prompts))
+
+        async def attempt(a: int) -> dict[str, Any]:
+            rng = random.Random(derived_seed(run_seed, t, a, "few-shot"))
+            shots = _few_shot(rng, seed_examples, earlier_generated, cfg)
+            examples = "".join(f"Task {i}: {ex.text}\n" for i, ex in enumerate(shots, start=1))
+            text = template.render(examples=examples, next_index=str(len(shots) + 1))
+            gen = await client.chat(
+                model,
+                [{"role": "user", "content": text}],
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_tokens,
+                seed=derived_seed(run_seed, t, a, "sample"),
+            )
+            choice = gen.choices[0]
+            return {
+                "attempt": a,
+                "raw": choice.text,
+                "finish_reason": choice.finish_reason,
+                "few_shot_ids": [ex.id for ex in shots],
+                "model": model,
+            }
+
+        next_attempt = len(attempts)
+        while len(prompts) < cfg.num_prompts and next_attempt < max_attempts:
+            batch = range(next_attempt, min(max_attempts, next_attempt + concurrency))
+            results = await asyncio.gather(*(attempt(a) for a in batch))
+            for rec in results:  # in attempt order: deterministic acceptance
+                next_attempt = rec["attempt"] + 1
+                if len(prompts) >= cfg.num_prompts:
+                    rec["status"] = "not_needed"
+                    attempts.append(rec)
+                    continue
+                text = extract_task(rec["raw"])
+                reason, best = judge_task(text, cfg, index)
+                rec.update(prompt=text, rouge_l_max=round(best, 4), status=reason or "accepted")
+                reasons[rec["status"]] += 1
+                if reason is None:
+                    rec["id"] = f"t{t}-{rec['attempt']:05d}"
+                    index.add(text)
+                    attempts.append(rec)
+                    prompts.append(_prompt_record(rec))
+                    task.advance(1, attempts=next_attempt)
+                else:
+                    attempts.append(rec)
+                    task.update(attempts=next_attempt)
+        task.close()
+        n = len(prompts)
+    finally:
+        attempts.close()
+        prompts.close()
+    if n == 0:
+        top = ", ".join(f"{k}={v}" for k, v in reasons.most_common())
+        raise EmptyResultError(
+            f"self-instruct kept no prompt after {next_attempt} attempts (rejections: {top}); "
+            "check the prompt model, prompts.min_words/max_words and prompts.dedup_threshold"
+        )
+    return {
+        "prompts": n,
+        "requested": cfg.num_prompts,
+        "attempts": next_attempt,
+        "rejected": {k: v for k, v in sorted(reasons.items()) if k not in ("accepted", "not_needed")},
+        "short_of_target": max(0, cfg.num_prompts - n),
+        "model": model,
+    }
+
+
+def _prompt_record(rec: dict[str, Any]) -> dict[str, Any]:
+    return PromptRecord(
+        id=rec["id"],
+        prompt=rec["prompt"],
+        source="self-instruct",
+        provenance={
+            "model": rec["model"],
+            "attempt": rec["attempt"],
+            "few_shot_ids": rec["few_shot_ids"],
+            "rouge_l_max": rec["rouge_l_max"],
+            "finish_reason": rec["finish_reason"],
+        },
+    ).model_dump()
