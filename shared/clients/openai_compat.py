@@ -320,6 +320,28 @@ class OpenAICompatClient:
     async def model_names(self) -> list[str]:
         return [m["id"] for m in await self.models()]
 
+    async def tokenize(
+        self,
+        model: str,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        prompt: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool | None = None,
+    ) -> dict[str, Any]:
+        """vLLM's /tokenize (a chat or a plain prompt): {"count", "max_model_len", "tokens"}."""
+        body: dict[str, Any] = {"model": model}
+        if messages is not None:
+            body["messages"] = messages
+            body["add_generation_prompt"] = add_generation_prompt
+            body["continue_final_message"] = continue_final_message
+        else:
+            body["prompt"] = prompt or ""
+        if add_special_tokens is not None:
+            body["add_special_tokens"] = add_special_tokens
+        return dict(await self._request("POST", "/tokenize", body))
+
     async def load_adapter(self, name: str, path: str) -> None:
         await self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
