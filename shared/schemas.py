@@ -48,6 +48,7 @@ class IFTRecord(Record):
 class EFTTrainRecord(Record):
     id: str
     tree_id: str
+    prompt_id: str | None = None  # the instruction's message id (rows of one prompt share it)
     prompt: str
     response: str
     response_id: str | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from selfreward import __version__
-from selfreward.cli import config_cmd
+from selfreward.cli import config_cmd, data_cmd
 
 app = typer.Typer(
     name="selfreward",
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(data_cmd.app, name="data")
 
 
 @app.command()
