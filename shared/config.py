@@ -223,6 +223,8 @@ class EvalConfig(StrictModel):
     reward_model: bool = Field(True, description="measure judge agreement with human ranks on EFT eval")
     bootstrap_samples: int = Field(1000, ge=100)
     max_tokens: int = Field(256, ge=8)
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature of evaluation answers (0 = greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class RunConfig(StrictModel):
