@@ -122,6 +122,14 @@ class JudgeConfig(StrictModel):
     timeout_s: float = Field(120.0, gt=0)
     max_response_chars: int = Field(6000, ge=100, description="longer responses are truncated and flagged")
     cache: bool = True
+    cache_ttl_s: int | None = Field(None, ge=1, description="expiry of cached verdicts; None = never")
+    logprob_source: Literal["auto", "prefill", "verdict"] = Field(
+        "auto",
+        description="logprob mode: 'prefill' reads the digit after a prefilled 'Score: ' (vLLM), 'verdict' "
+        "at the score of a greedy verdict (any backend returning logprobs); auto = prefill where supported",
+    )
+    top_logprobs: int = Field(20, ge=1, le=20, description="logprobs asked per position in logprob mode")
+    initial_backoff_s: float = Field(0.5, gt=0, description="first retry delay (doubles, full jitter)")
 
 
 class TeacherConfig(StrictModel):
@@ -131,6 +139,11 @@ class TeacherConfig(StrictModel):
     max_tokens: int = Field(512, ge=8)
     api_key_env: str = Field("GEMINI_API_KEY", description="environment variable holding the key")
     api_key_file: Path | None = Field(None, description="mounted secret file holding the key")
+    gemini_base_url: str | None = Field(None, description="Gemini endpoint override (proxy, local fake)")
+    gemini_api_version: str = Field("v1beta", description="Gemini API version in request paths")
+    gemini_thinking_budget: int | None = Field(
+        None, ge=0, description="thinking tokens for Gemini 2.5+ models (0 = off where the model allows)"
+    )
 
     @field_validator("backend")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from selfreward import __version__
-from selfreward.cli import config_cmd, data_cmd
+from selfreward.cli import config_cmd, data_cmd, judge_cmd, serve_cmd
 
 app = typer.Typer(
     name="selfreward",
@@ -21,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(judge_cmd.app, name="judge")
+app.add_typer(serve_cmd.app, name="serve")
 app.add_typer(data_cmd.app, name="data")
 
 

@@ -1,0 +1,39 @@
+"""`selfreward serve ...`: run the HTTP services (judge; other areas add theirs here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from selfreward.cli.ui import friendly_errors
+
+app = typer.Typer(help="Run the HTTP services.", no_args_is_help=True)
+
+
+@app.command("judge")
+@friendly_errors
+def judge(
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address (0.0.0.0 in containers)"),
+    port: int = typer.Option(8100, "--port", min=1, max=65535),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="run config YAML (default $SELFREWARD_CONFIG; judge/teacher sections)"
+    ),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """The judge service: POST /v1/score, POST /v1/compare, GET /healthz, GET /metrics (docs/judge.md).
+
+    Settings from the environment: REDIS_URL, POLICY_URL, SELFREWARD_SELF_MODEL,
+    SELFREWARD_DEFAULT_JUDGE, SELFREWARD_API_TOKEN.
+    """
+    import uvicorn
+
+    from selfreward.services.judge.app import create_app
+    from selfreward.services.judge.settings import JudgeSettings
+
+    env = dict(os.environ)
+    if config is not None:
+        env["SELFREWARD_CONFIG"] = str(config)
+    app_ = create_app(JudgeSettings.from_env(env))
+    uvicorn.run(app_, host=host, port=port, log_level=log_level)
