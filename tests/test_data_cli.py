@@ -1,0 +1,87 @@
+"""`selfreward data prepare` and `data show`: the command, its options, its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from selfreward.cli.main import app
+from selfreward.storage import load_jsonl
+
+runner = CliRunner()
+
+
+def test_prepare_demo_prints_counts_and_reasons_then_is_up_to_date(tmp_path: Path) -> None:
+    out = tmp_path / "seed"
+    result = runner.invoke(app, ["data", "prepare", "--source", "demo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for text in (
+        "ift.jsonl",
+        "eft_train.jsonl",
+        "eft_eval.jsonl",
+        "dropped, by reason",
+        "prompt.lang",
+        "reply.deleted",
+    ):
+        assert text in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert f"│ {manifest['outputs']['ift.jsonl']['records']} " in result.output
+    again = runner.invoke(app, ["data", "prepare", "--source", "demo", "--out", str(out)])
+    assert again.exit_code == 0 and "up to date" in again.output
+    shown = runner.invoke(app, ["data", "show", str(out)])
+    assert shown.exit_code == 0 and "eft_eval.jsonl" in shown.output and "prompt.deleted" in shown.output
+
+
+def test_options_override_the_run_config_and_default_to_its_seed_folder(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"name: exp1\nartifact_root: {tmp_path / 'artifacts'}\ndata:\n  source: demo\n  max_ift: 9\n  languages: [en]\n"
+    )
+    result = runner.invoke(
+        app, ["data", "prepare", "--config", str(config), "--max-ift", "4", "--languages", "en, de"]
+    )
+    assert result.exit_code == 0, result.output
+    seed = tmp_path / "artifacts" / "runs" / "exp1" / "seed"
+    assert len(load_jsonl(seed / "ift.jsonl")) == 4
+    settings = json.loads((seed / "manifest.json").read_text())["settings"]
+    assert settings["languages"] == ["en", "de"] and settings["max_ift"] == 4
+    # the environment overrides the file (SELFREWARD_DATA__*), the command line overrides both
+    env = {"SELFREWARD_DATA__MAX_IFT": "3"}
+    result = runner.invoke(app, ["data", "prepare", "--config", str(config)], env=env)
+    assert result.exit_code == 0 and len(load_jsonl(seed / "ift.jsonl")) == 3
+
+
+def test_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"message_tree_id": "t", "prompt": {"message_id": "t"\n')
+    result = runner.invoke(app, ["data", "prepare", "--source", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "bad.jsonl:1: not valid JSON" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["data", "prepare", "--source", "demo"])
+    assert result.exit_code == 2 and "--out is required" in result.output
+    result = runner.invoke(app, ["data", "prepare", "--out", str(tmp_path / "o"), "--eval-fraction", "1.5"])
+    assert result.exit_code == 2 and "data.eval_fraction" in result.output
+    result = runner.invoke(app, ["data", "prepare", "--out", str(tmp_path / "o"), "--languages", "xx"])
+    assert result.exit_code == 2 and "the prompt filter 'lang' removed all" in result.output
+    result = runner.invoke(
+        app, ["data", "prepare", "--out", str(tmp_path / "o"), "--eft-targets", "judge-filtered"]
+    )
+    assert result.exit_code == 2 and "judge-filtered" in result.output
+    result = runner.invoke(app, ["data", "show", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "manifest.json: not found" in result.output
+
+
+def test_the_installed_command(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "selfreward"
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run(
+        [str(exe), "data", "prepare", "--source", "demo", "--out", str(tmp_path / "seed")],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ift.jsonl" in done.stdout and (tmp_path / "seed" / "manifest.json").is_file()
