@@ -276,7 +276,9 @@ def test_human_stale_scores_file_is_rejected(tmp_path: Path) -> None:
 
 
 def test_scores_record_round_trip(tmp_path: Path) -> None:
-    line = scores_record("q", "question", [("x", 4.5), ("y", None)], judge="policy:m1")
-    assert line["completion"]["1"]["score"] == -1
+    line = scores_record(
+        "q", "question", [{"content": "x", "score": 4.5}, {"content": "y", "score": None}], judge="policy:m1"
+    )
+    assert line["completion"]["1"] == {"content": "y", "score": -1}
     parsed = read_scores(write_jsonl(tmp_path / "s.jsonl", [line]))["q"]
     assert parsed.responses["0"].score == 4.5 and parsed.responses["1"].score is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from selfreward import __version__
-from selfreward.cli import config_cmd, data_cmd, judge_cmd, serve_cmd
+from selfreward.cli import config_cmd, data_cmd, eval_cmd, judge_cmd, report_cmd, serve_cmd
 
 app = typer.Typer(
     name="selfreward",
@@ -24,6 +24,8 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(judge_cmd.app, name="judge")
 app.add_typer(serve_cmd.app, name="serve")
 app.add_typer(data_cmd.app, name="data")
+app.add_typer(eval_cmd.app, name="eval")
+app.command("report")(report_cmd.report)
 
 
 @app.command()

@@ -64,8 +64,9 @@ class AlpacaOutput:
         }
 
 
-def _records_of(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(where, record) of a JSON list or a JSONL file."""
+def read_json_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) of each object in a JSON list or a JSONL file; `where` is file:line or item."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     text = path.read_text(encoding="utf-8")
@@ -93,7 +94,7 @@ def read_outputs(path: str | Path, generator: str | None = None) -> list[AlpacaO
     default_gen = generator or path.stem
     out: list[AlpacaOutput] = []
     seen: dict[str, str] = {}
-    for where, rec in _records_of(path):
+    for where, rec in read_json_records(path):
         for name in ("instruction", "output"):
             if not isinstance(rec.get(name), str):
                 raise InputError(f"{where}: field {name!r} must be a string, got {rec.get(name)!r}")

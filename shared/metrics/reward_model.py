@@ -129,13 +129,14 @@ def read_scores(path: str | Path) -> dict[str, ScoredPrompt]:
 
 
 def scores_record(
-    prompt_id: str, prompt: str, responses: Sequence[tuple[str, float | None]], **extra: Any
+    prompt_id: str, prompt: str, responses: Sequence[Mapping[str, Any]], **extra: Any
 ) -> dict[str, Any]:
-    """One record of the scores format; `responses` = (content, score or None) in key order."""
-    completion = {
-        str(i): {"content": content, "score": UNPARSEABLE if score is None else score}
-        for i, (content, score) in enumerate(responses)
-    }
+    """One record of the scores format. `responses`, in key order, are mappings with `content`
+    and `score` (None = unparseable, written as -1) and any other fields to keep."""
+    completion = {}
+    for i, resp in enumerate(responses):
+        score = resp.get("score")
+        completion[str(i)] = {**resp, "score": UNPARSEABLE if score is None else score}
     return {"prompt_id": prompt_id, "prompt": prompt, "completion": completion, **extra}
 
 
@@ -328,8 +329,8 @@ class RewardModelReport:
     reference_parse_failure_rate: float | None = None  # reference judge only
     scores_path: str | None = None
     reference_path: str | None = None
-    judge_scores: list[float] = field(default_factory=list, repr=False)  # parsed, for histograms
-    reference_scores: list[float] = field(default_factory=list, repr=False)
+    # score series for histograms (None = unparseable): judge/reference, or human-best/other replies
+    score_series: dict[str, list[float | None]] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """Table `all` at the top level, `excluding_unparseable` nested, then rates and alignment."""
@@ -373,8 +374,8 @@ def compare_with_reference(
     table_all: dict[str, list[tuple[float, float]]] = {}
     table_parsed: dict[str, list[tuple[float, float]]] = {}
     failures = ref_failures = 0
-    judge_scores: list[float] = []
-    ref_scores: list[float] = []
+    judge_scores: list[float | None] = []
+    ref_scores: list[float | None] = []
     for pid in sorted(set(scores) & set(reference)):
         sp, rp = scores[pid], reference[pid]
         keys = [k for k in sp.responses if k in rp.responses]
@@ -392,10 +393,8 @@ def compare_with_reference(
             failures += s.score is None
             ref_failures += r.score is None
             rows_all.append((s.value, r.value))
-            if s.score is not None:
-                judge_scores.append(s.score)
-            if r.score is not None:
-                ref_scores.append(r.score)
+            judge_scores.append(s.score)
+            ref_scores.append(r.score)
             if s.score is not None and r.score is not None:
                 rows_parsed.append((s.score, r.score))
     if al.prompts_compared == 0:
@@ -414,8 +413,7 @@ def compare_with_reference(
         alignment=al,
         scores_path=scores_path,
         reference_path=reference_path,
-        judge_scores=judge_scores,
-        reference_scores=ref_scores,
+        score_series={"judge": judge_scores, "reference": ref_scores},
     )
 
 
@@ -443,7 +441,7 @@ def compare_with_human(
     groups_all: list[list[tuple[float, int]]] = []
     groups_parsed: list[list[tuple[float, int]]] = []
     failures = 0
-    judge_scores: list[float] = []
+    series: dict[str, list[float | None]] = {"human-best replies": [], "other replies": []}
     for pid in sorted(set(scores) & set(by_id)):
         sp, rec = scores[pid], by_id[pid]
         replies = {str(i): r for i, r in enumerate(rec.replies)}
@@ -455,6 +453,7 @@ def compare_with_human(
         al.prompts_compared += 1
         g_all: list[tuple[float, int]] = []
         g_parsed: list[tuple[float, int]] = []
+        best = min(replies[k].rank for k in keys)
         for key in keys:
             resp, reply = sp.responses[key], replies[key]
             if resp.message_id is not None and resp.message_id != reply.message_id:
@@ -470,9 +469,9 @@ def compare_with_human(
             al.responses_compared += 1
             failures += resp.score is None
             g_all.append((resp.value, reply.rank))
+            series["human-best replies" if reply.rank == best else "other replies"].append(resp.score)
             if resp.score is not None:
                 g_parsed.append((resp.score, reply.rank))
-                judge_scores.append(resp.score)
         groups_all.append(g_all)
         groups_parsed.append(g_parsed)
     if al.prompts_compared == 0:
@@ -489,5 +488,5 @@ def compare_with_human(
         alignment=al,
         scores_path=scores_path,
         reference_path=reference_path,
-        judge_scores=judge_scores,
+        score_series=series,
     )

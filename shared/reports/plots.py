@@ -1,0 +1,99 @@
+"""Plots of evaluations, written as PNG with matplotlib's Agg canvas.
+
+Figures are built with `matplotlib.figure.Figure` (not pyplot), so plotting needs no display,
+keeps no global state and is safe in threads and workers. Each function takes plain data
+(what report.json holds) and returns the PNG bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+SCORE_BINS = np.arange(-0.25, 5.26, 0.5)  # bars centred on 0, 0.5, ..., 5
+WTL_COLORS = {"win": "#2e7d32", "tie": "#9e9e9e", "loss": "#c62828"}
+
+
+def _figure(width: float = 6.4, height: float = 3.6) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def score_histograms(
+    scores_by_model: Mapping[str, Sequence[float | None]], title: str = "Judge scores"
+) -> bytes:
+    """One histogram series per model of 0-5 scores (bins of 0.5); None = unparseable, counted in the legend."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    series = list(scores_by_model.items())
+    width = 0.45 / max(1, len(series))
+    centers = (SCORE_BINS[:-1] + SCORE_BINS[1:]) / 2
+    for i, (name, scores) in enumerate(series):
+        parsed = np.asarray([s for s in scores if s is not None], dtype=float)
+        failed = len(scores) - len(parsed)
+        counts, _ = np.histogram(parsed, bins=SCORE_BINS)
+        label = f"{name} (n={len(scores)}" + (f", {failed} unparseable)" if failed else ")")
+        ax.bar(centers + (i - (len(series) - 1) / 2) * width, counts, width=width, label=label)
+    ax.set_xticks(range(6))
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("score")
+    ax.set_ylabel("responses")
+    ax.set_title(title)
+    if series:
+        ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def win_tie_loss_bars(results: Sequence[Mapping[str, Any]], title: str = "Head-to-head") -> bytes:
+    """Grouped win/tie/loss bars with their bootstrap intervals, one group per comparison.
+
+    Each result is a head-to-head JSON (keys a, b, win, tie, loss, intervals, confidence).
+    """
+    fig = _figure(max(4.8, 1.8 + 1.6 * len(results)), 3.8)
+    ax = fig.add_subplot()
+    x = np.arange(len(results))
+    width = 0.26
+    for j, stat in enumerate(("win", "tie", "loss")):
+        values = np.array([r[stat] for r in results], dtype=float)
+        lo = np.array([r["intervals"][stat][0] for r in results], dtype=float)
+        hi = np.array([r["intervals"][stat][1] for r in results], dtype=float)
+        yerr = np.vstack([np.clip(values - lo, 0, None), np.clip(hi - values, 0, None)])
+        ax.bar(x + (j - 1) * width, values, width, yerr=yerr, capsize=3, label=stat, color=WTL_COLORS[stat])
+    ax.set_xticks(x, [f"{r['a']}\nvs {r['b']}" for r in results], fontsize="small")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of prompts")
+    conf = results[0].get("confidence", 0.95) if results else 0.95
+    ax.set_title(f"{title} ({conf:.0%} bootstrap intervals)")
+    ax.legend(fontsize="small", ncols=3, loc="upper right")
+    return _png(fig)
+
+
+def metric_trends(
+    labels: Sequence[str], series: Mapping[str, Sequence[float | None]], title: str = "Metrics by model"
+) -> bytes:
+    """Lines of each metric across models M1, M2, ... (None = not measured: a gap)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    x = np.arange(len(labels))
+    for name, values in series.items():
+        y = np.array([np.nan if v is None else v for v in values], dtype=float)
+        ax.plot(x, y, marker="o", label=name)
+    ax.set_xticks(x, list(labels))
+    finite = [v for values in series.values() for v in values if v is not None]
+    ax.set_ylim(-1.05 if any(v < 0 for v in finite) else -0.02, 1.05)
+    ax.set_xlabel("model")
+    ax.set_title(title)
+    if series:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _png(fig)

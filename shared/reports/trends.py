@@ -1,0 +1,45 @@
+"""The evaluations of a run across iterations: where they live and the metric trends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from selfreward.errors import InputError
+from selfreward.storage import RunLayout
+
+TREND_METRICS = {
+    "win rate vs baseline": ("head2head", "win_rate"),
+    "RM pairwise accuracy": ("reward_model", "pairwise_accuracy"),
+    "RM exact match": ("reward_model", "exact_match"),
+    "RM Spearman (per prompt)": ("reward_model", "spearman"),
+}
+
+
+def eval_dir(layout: RunLayout, t: int) -> Path:
+    return layout.eval_dir / f"iter-{t}"
+
+
+def iteration_reports(layout: RunLayout) -> list[dict[str, Any]]:
+    """Every eval/iter-<t>/report.json of the run, in iteration order."""
+    found = []
+    if layout.eval_dir.is_dir():
+        for d in layout.eval_dir.glob("iter-*"):
+            suffix = d.name.removeprefix("iter-")
+            if suffix.isdigit() and (d / "report.json").is_file():
+                try:
+                    found.append((int(suffix), json.loads((d / "report.json").read_text(encoding="utf-8"))))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{d / 'report.json'}: not valid JSON ({exc.msg})") from None
+    return [data for _, data in sorted(found, key=lambda x: x[0])]
+
+
+def trend_series(reports: list[dict[str, Any]]) -> tuple[list[str], dict[str, list[float | None]]]:
+    labels = [str(r.get("model")) for r in reports]
+    series: dict[str, list[float | None]] = {}
+    for name, (section, key) in TREND_METRICS.items():
+        values = [(r.get(section) or {}).get(key) for r in reports]
+        if any(v is not None for v in values):
+            series[name] = values
+    return labels, series
