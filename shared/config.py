@@ -184,6 +184,9 @@ class DPOConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     per_device_batch_size: int = Field(4, ge=1)
     max_length: int = Field(1024, ge=16)
+    precompute_ref_log_probs: bool = Field(
+        False, description="compute the reference log-probs of every pair once before training"
+    )
 
 
 class TrainingConfig(StrictModel):
@@ -193,6 +196,9 @@ class TrainingConfig(StrictModel):
     )
     gradient_checkpointing: bool = False
     checkpoint_steps: int = Field(50, ge=1, description="save a resumable checkpoint every N steps")
+    keep_checkpoints: bool = Field(
+        False, description="keep the resumable checkpoints once the model is written"
+    )
     logging_steps: int = Field(1, ge=1)
     accelerate_config: str | None = Field(
         None, description="accelerate config (name under services/trainer/accelerate or a path)"

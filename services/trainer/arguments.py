@@ -1,0 +1,133 @@
+"""Run config -> TRL `SFTConfig` / `DPOConfig` and PEFT `LoraConfig`.
+
+What differs from TRL's defaults, and why:
+- precision `auto`: fp32 on CPU (bf16 is 2.6-4.8x slower without AVX512-BF16, docs/training.md),
+  bf16 on a GPU that supports it (fp16 otherwise); TRL's default is bf16 everywhere;
+- gradient checkpointing is off unless `training.gradient_checkpointing` (TRL defaults it on:
+  ~20% slower, only worth it when memory is short);
+- `batch_size` is the effective batch: per-device batch x gradient accumulation x processes;
+- checkpoints every `training.checkpoint_steps` into the job's work folder, the last two kept;
+- our own progress reporting replaces tqdm; the tracker is TensorBoard (offline) by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from selfreward.config import DPOConfig, LoraConfig, SFTConfig, TrainingConfig
+from selfreward.errors import ConfigError
+
+from .request import TrainRequest
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(training: TrainingConfig) -> str:
+    import torch
+
+    if training.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["training.device: 'cuda' requested but no CUDA device is visible"], "train")
+    if training.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return training.device
+
+
+def resolve_precision(training: TrainingConfig, device: str) -> str:
+    import torch
+
+    if training.precision != "auto":
+        if training.precision == "bf16" and device == "cpu":
+            log.warning("training.precision=bf16 on CPU: usually several times slower than fp32 here")
+        if training.precision == "fp16" and device == "cpu":
+            raise ConfigError(
+                ["training.precision: fp16 mixed precision needs a GPU (use fp32 or bf16)"], "train"
+            )
+        return training.precision
+    if device == "cpu":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def accumulation_steps(section: SFTConfig | DPOConfig, world_size: int, name: str) -> int:
+    """batch_size = per_device_batch_size x accumulation x world_size, exactly."""
+    per_step = section.per_device_batch_size * world_size
+    if section.batch_size % per_step:
+        raise ConfigError(
+            [
+                f"{name}.batch_size={section.batch_size} is not a multiple of {name}.per_device_batch_size="
+                f"{section.per_device_batch_size} x {world_size} process(es) = {per_step}"
+            ],
+            "train",
+        )
+    return section.batch_size // per_step
+
+
+def report_to(training: TrainingConfig) -> list[str]:
+    """Trackers handled by transformers' own callbacks (TensorBoard gets its own writer, see trainers)."""
+    return [] if training.tracker in ("tensorboard", "none") else [training.tracker]
+
+
+def _common(request: TrainRequest, world_size: int) -> dict[str, Any]:
+    config, section = request.config, request.section
+    training = config.training
+    device = resolve_device(training)
+    precision = resolve_precision(training, device)
+    return {
+        "output_dir": str(request.checkpoint_dir),
+        "run_name": f"{config.name}/{request.name}",
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "learning_rate": section.learning_rate,
+        "lr_scheduler_type": section.lr_scheduler,
+        "warmup_steps": section.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        "num_train_epochs": section.epochs,
+        "max_steps": section.max_steps if section.max_steps is not None else -1,
+        "per_device_train_batch_size": section.per_device_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(section, world_size, request.kind),
+        "max_length": section.max_length,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "use_cpu": device == "cpu",
+        "gradient_checkpointing": training.gradient_checkpointing,
+        "logging_steps": training.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": training.checkpoint_steps,
+        "save_total_limit": 2,
+        "report_to": report_to(training),
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+    }
+
+
+def sft_arguments(request: TrainRequest, world_size: int = 1):  # -> trl.SFTConfig
+    from trl import SFTConfig as TRLSFTConfig
+
+    return TRLSFTConfig(**_common(request, world_size), completion_only_loss=True, packing=False)
+
+
+def dpo_arguments(request: TrainRequest, world_size: int = 1):  # -> trl.DPOConfig
+    from trl import DPOConfig as TRLDPOConfig
+
+    dpo = request.config.dpo
+    return TRLDPOConfig(
+        **_common(request, world_size),
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        precompute_ref_log_probs=dpo.precompute_ref_log_probs,
+    )
+
+
+def lora_config(lora: LoraConfig):  # -> peft.LoraConfig
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
