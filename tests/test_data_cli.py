@@ -85,3 +85,72 @@ def test_the_installed_command(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "ift.jsonl" in done.stdout and (tmp_path / "seed" / "manifest.json").is_file()
+
+
+def test_judge_filtered_targets_through_a_gemini_judge(tmp_path: Path) -> None:
+    """The CLI builds the judge from data.eft_judge (selfreward.judging) and talks to a local server
+    speaking Gemini's REST wire format; the verdict depends on the reply being judged."""
+    import re
+
+    from selfreward.testing.fake_gemini import fake_gemini
+
+    verdicts = {
+        "A1": "Complete.\nScore: 5", "A2": "Good.\nScore: 4", "A3": "Partial.\nScore: 2",
+        "B1": "Helpful.\nScore: 4", "B2": "Vague.\nScore: 3",
+        "C1": "Helpful.\nScore: 4", "C2": "Off topic.\nScore: 1",
+        "E1": "Right.\nScore: 4", "E2": "Some.\nScore: 2",
+        "D1": "Fine.\nScore: 3", "D2": "Also fine.\nScore: 3",
+        "G1": "Good.\nScore: 4", "G2": "I cannot decide.",
+    }  # fmt: skip
+    groups = {
+        "a": ["A1", "A2", "A3"],
+        "b": ["B1", "B2"],
+        "c": ["C1", "C2"],
+        "e": ["E1", "E2"],
+        "d": ["D1", "D2"],
+    }
+    groups["g"] = ["G1", "G2"]
+    src = tmp_path / "in.jsonl"
+    with src.open("w") as fh:
+        for tid, texts in groups.items():
+            replies = [
+                {"message_id": t.lower(), "text": t, "role": "assistant", "lang": "en", "rank": i}
+                for i, t in enumerate(texts)
+            ]
+            prompt = {"message_id": tid, "text": f"question {tid}?", "role": "prompter", "lang": "en"}
+            fh.write(json.dumps({"message_tree_id": tid, "prompt": {**prompt, "replies": replies}}) + "\n")
+
+    def reply(model: str, prompt: str, body: dict) -> str:
+        found = re.search(r"<response>(.*?)</response>", prompt, re.DOTALL)
+        assert found is not None and model == "gemini-test"
+        return verdicts[found.group(1)]
+
+    with fake_gemini(api_key="test-key", reply=reply) as fake:
+        config = tmp_path / "run.yaml"
+        config.write_text(
+            "data:\n"
+            f"  source: {src}\n  eval_fraction: 0.0\n  eft_targets: judge-filtered\n  eft_judge: gemini:gemini-test\n"
+            f"teacher:\n  gemini_base_url: {fake.base_url}\n"
+        )
+        args = ["data", "prepare", "--config", str(config), "--out", str(tmp_path / "seed")]
+        result = runner.invoke(app, args, env={"GEMINI_API_KEY": "test-key"})
+        assert result.exit_code == 0, result.output
+        assert fake.calls == 13 and all(r.key_ok for r in fake.requests)
+        again = runner.invoke(app, [*args, "--force"], env={"GEMINI_API_KEY": "test-key"})
+        assert again.exit_code == 0 and fake.calls == 13  # verdicts reused from eft_judgments.jsonl
+    manifest = json.loads((tmp_path / "seed" / "manifest.json").read_text())
+    targets = manifest["eft_targets"]
+    assert (
+        targets["judge"].startswith("gemini:gemini-test|template=")
+        and targets["judge_backend"] == "gemini:gemini-test"
+    )
+    assert (
+        manifest["dropped"]["eft_train.judge_disagrees"] == 1
+        and manifest["dropped"]["eft_train.judge_unparseable"] == 1
+    )
+    assert (
+        targets["scores_before"] == {"1": 1, "2": 2, "3": 1, "4": 4, "5": 1}
+        and targets["rows_downsampled"] == 2
+    )
+    rows = {r["id"]: r for r in load_jsonl(tmp_path / "seed" / "eft_train.jsonl")}
+    assert len(rows) == 7 and rows["a1"]["justification"] == "Complete." and rows["a1"]["score"] == 5

@@ -9,16 +9,16 @@ import typer
 from pydantic import ValidationError
 
 from selfreward.cli.ui import RichProgressSink, console, err_console, friendly_errors, print_table
-from selfreward.config import DataConfig, _format_errors, build_config, load_config
+from selfreward.config import DataConfig, RunConfig, _format_errors, build_config, load_config
 from selfreward.errors import ConfigError, InputError
 from selfreward.storage import RunLayout, read_manifest
 
 app = typer.Typer(help="Prepare seed data from OASST1 (IFT, EFT-train, EFT-eval).", no_args_is_help=True)
 
 
-def _data_config(config_file: Path | None, overrides: dict[str, Any]) -> tuple[DataConfig, Path | None]:
-    """The run config's data section (or the defaults, with SELFREWARD_DATA__* overrides), then the
-    options given on the command line. Returns (data config, the run's seed folder if a config was given)."""
+def _run_config(config_file: Path | None, overrides: dict[str, Any]) -> tuple[RunConfig, Path | None]:
+    """The run config (or the defaults, with SELFREWARD_* overrides) with the data options given on
+    the command line applied. Returns (config, the run's seed folder if a config file was given)."""
     if config_file is not None:
         run = load_config(config_file)
         seed_dir: Path | None = RunLayout(run.artifact_root, run.name).seed_dir
@@ -29,9 +29,12 @@ def _data_config(config_file: Path | None, overrides: dict[str, Any]) -> tuple[D
     try:
         data = DataConfig.model_validate({**run.data.model_dump(), **given})
     except ValidationError as err:
-        problems = [f"data.{p}" for p in _format_errors(err)]
-        raise ConfigError(problems, "command line") from None
-    return data, seed_dir
+        raise ConfigError([f"data.{p}" for p in _format_errors(err)], "command line") from None
+    try:
+        run = RunConfig.model_validate({**run.model_dump(), "data": data.model_dump()})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), "command line") from None
+    return run, seed_dir
 
 
 def _print_manifest(manifest: Any, out: Path) -> None:
@@ -96,6 +99,10 @@ def prepare(
     max_eft_train: int | None = typer.Option(None, help="cap on EFT-train rows"),
     max_eft_eval: int | None = typer.Option(None, help="cap on EFT-eval prompts"),
     eft_targets: str | None = typer.Option(None, help="rank | judge-filtered"),
+    eft_judge: str | None = typer.Option(
+        None, help="judge of judge-filtered targets: policy:<model>, gemini:<model> or openai:<url>#<model>"
+    ),
+    judge_concurrency: int = typer.Option(4, min=1, help="judge requests in flight (judge-filtered)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when the folder is up to date"),
 ) -> None:
     """Write ift.jsonl, eft_train.jsonl, eft_eval.jsonl and manifest.json, and print the counts."""
@@ -103,12 +110,12 @@ def prepare(
     from selfreward.progress import Progress
 
     langs = [x.strip() for x in languages.split(",") if x.strip()] if languages is not None else None
-    data, seed_dir = _data_config(
+    run, seed_dir = _run_config(
         config,
         {
             "source": source, "languages": langs, "eval_fraction": eval_fraction, "split_salt": split_salt,
             "max_ift": max_ift, "max_eft_train": max_eft_train, "max_eft_eval": max_eft_eval,
-            "eft_targets": eft_targets,
+            "eft_targets": eft_targets, "eft_judge": eft_judge,
         },
     )  # fmt: skip
     out_dir = out or seed_dir
@@ -116,17 +123,20 @@ def prepare(
         raise ConfigError(
             ["--out is required (or --config, to write into the run's seed/ folder)"], "command line"
         )
-    if data.eft_targets == "judge-filtered":
-        raise ConfigError(
-            [
-                "data.eft_targets: the command line prepares 'rank' targets; 'judge-filtered' needs a judge "
-                "object: call selfreward.data.prepare_seed(config, out_dir, judge=...) with an EFTJudge "
-                "(docs/data.md)"
-            ],
-            "command line",
-        )
+    judge = None
+    if run.data.eft_targets == "judge-filtered":
+        from selfreward.data.eft_judge import eft_judge_for
+
+        judge = eft_judge_for(run)
     with RichProgressSink(transient=True) as sink:
-        manifest = prepare_seed(data, out_dir, progress=Progress(sink), force=force)
+        manifest = prepare_seed(
+            run.data,
+            out_dir,
+            progress=Progress(sink),
+            judge=judge,
+            judge_concurrency=judge_concurrency,
+            force=force,
+        )
     if manifest.reused:
         console.print(
             f"up to date: {out_dir} already holds this result (same input sha256 and settings); --force rebuilds",

@@ -130,7 +130,9 @@ class EFTJudge(Protocol):
     `name` identifies the judge and its prompt (model, template version, sampling): cached
     verdicts are reused only under the same name. Calling it with (prompt, response) returns
     a `JudgeVerdict`, or an awaitable of one: an async judge (an HTTP client) is awaited,
-    `concurrency` calls at a time, in one event loop; a plain function runs in worker threads.
+    `concurrency` calls at a time, in one event loop, and its `async aclose()`, if it has one,
+    is awaited in that loop at the end; a plain function runs in worker threads.
+    `selfreward.data.eft_judge.eft_judge_for(run_config)` builds one from `data.eft_judge`.
     """
 
     name: str
@@ -252,7 +254,12 @@ async def _ask_all(
         by_key[key] = verdict
         task.advance(1)
 
-    await asyncio.gather(*(one(key) for key in todo))
+    try:
+        await asyncio.gather(*(one(key) for key in todo))
+    finally:
+        aclose = getattr(judge, "aclose", None)
+        if aclose is not None and inspect.iscoroutinefunction(aclose):
+            await aclose()  # an async judge's connections belong to this event loop
 
 
 def judge_filtered_targets(
