@@ -1,0 +1,160 @@
+"""The judge service over HTTP: a real uvicorn on loopback, a real Redis, Gemini's wire format locally."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from selfreward.services.judge.app import create_app
+from selfreward.services.judge.settings import JudgeSettings
+from selfreward.testing.fake_gemini import FakeGemini, fake_gemini
+from selfreward.testing.servers import free_port, wait_port
+
+TOKEN = "service-token-1"
+
+
+@contextmanager
+def judge_service(env: dict[str, str]) -> Iterator[httpx.Client]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(JudgeSettings.from_env(env)), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_port(port)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.fixture()
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGemini]:
+    monkeypatch.setenv("GEMINI_API_KEY", "gk")
+    with fake_gemini(api_key="gk") as server:
+        yield server
+
+
+def service_env(fake: FakeGemini, redis_url: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "SELFREWARD_TEACHER__GEMINI_BASE_URL": fake.base_url,
+        "SELFREWARD_JUDGE__SAMPLES": "2",
+        "SELFREWARD_DEFAULT_JUDGE": "gemini:gemini-test",
+        "SELFREWARD_API_TOKEN": TOKEN,
+    }
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == (f"{name}{{{want}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def test_score_compare_auth_cache_and_metrics(fake: FakeGemini, redis_url: str, redis_conn: Any) -> None:
+    replies = iter(["Good.\nScore: 5", "Weak.\nScore: 2"] * 10)
+    fake.reply = lambda m, p, b: "m" if "Best Model Identifier" in p else next(replies)
+    body = {"instruction": "Name a prime.", "responses": ["7", "8"]}
+    with judge_service(service_env(fake, redis_url)) as client:
+        assert client.post("/v1/score", json=body).status_code == 401
+        assert (
+            client.post("/v1/score", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
+        r = client.post("/v1/score", json=body, headers=AUTH)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert data["judge"] == "gemini:gemini-test" and data["mode"] == "sample"
+        assert [len(x["verdicts"]) for x in data["results"]] == [2, 2]
+        for res in data["results"]:
+            assert res["score"] == 3.5 and res["failures"] == 0
+            assert {v["text"] for v in res["verdicts"]} == {"Good.\nScore: 5", "Weak.\nScore: 2"}
+        # samples override
+        r = client.post("/v1/score", json={**body, "responses": ["11"], "samples": 4}, headers=AUTH)
+        assert len(r.json()["results"][0]["verdicts"]) == 4
+        # compare: a first-position bias is a tie
+        r = client.post(
+            "/v1/compare",
+            json={"instruction": "Name a prime.", "response_a": "7", "response_b": "8"},
+            headers=AUTH,
+        )
+        assert r.status_code == 200, r.text
+        assert (
+            r.json()["preference"] == 0.5
+            and r.json()["ab"]["winner"] == "A"
+            and r.json()["ba"]["winner"] == "B"
+        )
+        # bad input: one clear message
+        r = client.post("/v1/score", json={**body, "judge": "claude:x"}, headers=AUTH)
+        assert r.status_code == 400 and "expected 'policy:<served-model>'" in r.json()["detail"]
+        assert client.post("/v1/score", json={**body, "responses": []}, headers=AUTH).status_code == 422
+        assert client.post("/v1/score", json={**body, "extra": 1}, headers=AUTH).status_code == 422
+        health = client.get("/healthz").json()
+        assert health["status"] == "ok" and health["cache"] == "redis"
+        assert health["judges"] == ["gemini:gemini-test (sample)"]
+        calls_before_restart = fake.calls
+        text = client.get("/metrics").text
+        assert metric(text, "selfreward_judge_requests_total", endpoint="/v1/score", status="200") == 2
+        assert metric(text, "selfreward_judge_requests_total", endpoint="/v1/score", status="401") == 2
+        assert metric(text, "selfreward_judge_cache_misses_total") == 10
+        assert (
+            metric(text, "selfreward_judge_backend_calls_total", backend="gemini:gemini-test", outcome="ok")
+            == 10
+        )
+        assert metric(text, "selfreward_judge_request_latency_seconds_count", endpoint="/v1/compare") == 1
+    # a restarted service with the same Redis answers from the cache
+    with judge_service(service_env(fake, redis_url)) as client:
+        r = client.post("/v1/score", json=body, headers=AUTH)
+        assert [x["cached"] for x in r.json()["results"]] == [2, 2]
+        assert fake.calls == calls_before_restart
+        text = client.get("/metrics").text
+        assert metric(text, "selfreward_judge_cache_hits_total") == 4
+        assert metric(text, "selfreward_judge_cache_misses_total") == 0
+
+
+def test_failures_retries_and_logprob_mode_over_http(
+    fake: FakeGemini, redis_url: str, redis_conn: Any
+) -> None:
+    fake.reply = lambda m, p, b: "No idea, sorry."
+    env = {**service_env(fake, redis_url), "SELFREWARD_JUDGE__INITIAL_BACKOFF_S": "0.01"}
+    with judge_service(env) as client:
+        fake.fail_next(503, times=1)
+        r = client.post(
+            "/v1/score", json={"instruction": "q", "responses": ["a"], "samples": 1}, headers=AUTH
+        )
+        res = r.json()["results"][0]
+        assert res["score"] is None and res["failures"] == 1 and res["verdicts"][0]["failure"] == "no_score"
+        assert res["verdicts"][0]["text"] == "No idea, sorry."
+        fake.reply = lambda m, p, b: "Fine.\nScore: 3"
+        r = client.post(
+            "/v1/score", json={"instruction": "q", "responses": ["b"], "mode": "logprob"}, headers=AUTH
+        )
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["mode"] == "logprob" and 2.0 < out["results"][0]["score"] < 4.0
+        text = client.get("/metrics").text
+        assert metric(text, "selfreward_judge_verdict_failures_total", kind="no_score") == 1
+        assert (
+            metric(
+                text,
+                "selfreward_judge_backend_retries_total",
+                backend="gemini:gemini-test",
+                reason="http_503",
+            )
+            == 1
+        )
