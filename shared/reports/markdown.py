@@ -135,16 +135,18 @@ def alpaca_markdown(data: Mapping[str, Any], heading: str = "## AlpacaEval-style
     wr = data.get("win_rate")
     if wr is not None:
         lc = data.get("length_controlled") or {}
+        wtl = data.get("win_tie_loss") or {}
+        ci = interval((wtl.get("intervals") or {}).get("win_rate"))
         rows = [
-            ["win rate", pct(wr["win_rate"]), pct(wr["standard_error"])],
-            [lc.get("label", LC_LABEL), pct(lc.get("win_rate")), ""],
+            ["win rate", pct(wr["win_rate"]), pct(wr["standard_error"]), ci],
+            [lc.get("label", LC_LABEL), pct(lc.get("win_rate")), "", ""],
         ]
         parts += [
             "",
             f"Against `{data['reference_generator']}` (`{data['reference']}`), judged by `{data['judge']}` "
             "in both orders; identical outputs count half.",
             "",
-            table(["metric", "value", "standard error"], rows),
+            table(["metric", "value", "standard error", "95% bootstrap interval"], rows),
             "",
             f"- wins {wr['n_wins']}, draws {wr['n_draws']} ({wr['n_identical']} identical), losses "
             f"{wr['n_losses']}, judging failed {wr['failures']}",
