@@ -54,6 +54,33 @@ def generation_settings(config: RunConfig) -> GenerationSettings:
     )
 
 
+def summary_metrics(data: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of an iteration's evaluation, flat (for the stage manifest and status)."""
+    out: dict[str, Any] = {}
+    h = data.get("head2head")
+    if h:
+        out.update(
+            win_rate=h["win_rate"],
+            win_rate_ci=h["intervals"]["win_rate"],
+            wins=h["wins"],
+            ties=h["ties"],
+            losses=h["losses"],
+            judge_failures=h["failures"],
+            prompts=h["n"],
+        )
+    rm = data.get("reward_model")
+    if rm:
+        out.update(
+            rm_pairwise_accuracy=rm["pairwise_accuracy"],
+            rm_exact_match=rm["exact_match"],
+            rm_five_best=rm["five_best"],
+            rm_spearman=rm["spearman"],
+            rm_kendall_tau=rm["kendall_tau"],
+            rm_parse_failure_rate=rm["parse_failure_rate"],
+        )
+    return out
+
+
 async def evaluate_iteration(
     config: RunConfig,
     layout: RunLayout,
@@ -77,7 +104,7 @@ async def evaluate_iteration(
         "iteration": t,
         "model": new_model,
         "baseline": baseline_model,
-        "judge": judge_name or eval_judge_spec(config),
+        "judge": judge_name or getattr(judge, "name", None) or eval_judge_spec(config),
         "prompts": config.eval.prompts,
         "head2head": None,
         "reward_model": None,
@@ -110,7 +137,7 @@ async def evaluate_iteration(
     if config.eval.reward_model and rm_judge is not None:
         eft_path = layout.seed_dir / "eft_eval.jsonl"
         records = seeded_subset(read_records(eft_path, EFTEvalRecord), config.eval.max_prompts, config.seed)
-        name = rm_judge_name or f"policy:{new_model}"
+        name = rm_judge_name or getattr(rm_judge, "name", None) or f"policy:{new_model}"
         scores_path = await score_eft(
             rm_judge,
             records,
@@ -123,6 +150,7 @@ async def evaluate_iteration(
         )
         data["reward_model"] = {"judge": name, **report.to_json()}
         plots["rm_scores.png"] = reward_model_plot(report)
+    data["metrics"] = summary_metrics(data)
     previous = [r for r in iteration_reports(layout) if r.get("iteration") != t]
     labels, series = trend_series([*previous, data])
     if series:
@@ -179,9 +207,9 @@ def run_evaluate_stage(
                 judge,
                 client,
                 progress,
-                judge_name=spec.replace("policy:self", f"policy:{new_model}"),
+                judge_name=judge.name,
                 rm_judge=rm_judge,
-                rm_judge_name=f"policy:{new_model}",
+                rm_judge_name=rm_judge.name if rm_judge is not None else None,
             )
         finally:
             await judge.aclose()
