@@ -5,7 +5,7 @@ Chat examples for training: `ift_messages(record)`, `eft_messages(record)`.
 """
 
 from selfreward.data.chat import eft_messages, ift_messages, judge_target, justification_of
-from selfreward.data.oasst import demo_path, read_source
+from selfreward.data.oasst import demo_path, open_source, read_source
 from selfreward.data.seed import SeedManifest, prepare_seed
 from selfreward.data.split import is_eval, split_key
 from selfreward.data.targets import EFTJudge, JudgeVerdict, rank_score
@@ -20,6 +20,7 @@ __all__ = [
     "is_eval",
     "judge_target",
     "justification_of",
+    "open_source",
     "prepare_seed",
     "rank_score",
     "read_source",

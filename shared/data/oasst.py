@@ -15,10 +15,11 @@ reported, not fatal: their messages are not part of any tree.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -96,6 +97,22 @@ class Source:
     format: SourceFormat
     sha256: str
     messages: list[Message]
+
+
+@dataclass
+class OpenSource:
+    """An input found and hashed but not parsed yet (so a finished stage can be recognised cheaply)."""
+
+    spec: str
+    description: str
+    sha256: str
+    total: int | None  # records, where known before reading
+    records: Callable[[], Iterator[tuple[str, dict[str, Any]]]]  # (where, record)
+
+    def read(self, progress: Progress = NULL_PROGRESS) -> Source:
+        label = Path(self.description).name if not self.spec.startswith(HF_PREFIX) else self.spec
+        fmt, messages = _messages(self.records(), progress, label, self.total)
+        return Source(self.spec, self.description, fmt, self.sha256, messages)
 
 
 # ------------------------------------------------------------------ one message
@@ -222,32 +239,34 @@ def _messages(
     return fmt or "messages", out
 
 
-def read_local(path: Path, progress: Progress = NULL_PROGRESS, spec: str | None = None) -> Source:
+def open_local(path: Path, spec: str | None = None) -> OpenSource:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     name = path.name.removesuffix(".gz")
+    total: int | None = None
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         try:
-            total: int | None = pq.ParquetFile(path).metadata.num_rows
-        except Exception as exc:
+            total = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for a bad file
             raise InputError(f"{path}: not a readable parquet file ({exc})") from None
-        fmt, messages = _messages(_parquet_records(path), progress, path.name, total)
+        records = functools.partial(_parquet_records, path)
     elif name.endswith((".jsonl", ".json")):
-        fmt, messages = _messages(_jsonl_records(path), progress, path.name, None)
+        records = functools.partial(_jsonl_records, path)
     else:
         raise InputError(f"{path}: unknown file type (expected .jsonl, .jsonl.gz or .parquet)")
-    return Source(spec or str(path), str(path), fmt, sha256_file(path), messages)
+    return OpenSource(spec or str(path), str(path), sha256_file(path), total, records)
 
 
 # ------------------------------------------------------------------ the hub
 
 
-def read_hf(spec: str, progress: Progress = NULL_PROGRESS) -> Source:
+def open_hf(spec: str) -> OpenSource:
     """`hf:<repo>[@<revision>]` through `datasets.load_dataset`: every split, per-message rows.
 
-    A local folder of parquet/jsonl files works too (`hf:/path/to/folder`), the same call.
+    A local folder of parquet/jsonl files works too (`hf:/path/to/folder`), the same call. The
+    input hash is that of the loaded splits' fingerprints (known without reading the rows).
     """
     import datasets
 
@@ -262,26 +281,32 @@ def read_hf(spec: str, progress: Progress = NULL_PROGRESS) -> Source:
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     splits = sorted(loaded)
-    fingerprint = {s: loaded[s]._fingerprint for s in splits}
+    fingerprints = {s: loaded[s]._fingerprint for s in splits}
 
     def records() -> Iterator[tuple[str, dict[str, Any]]]:
         for split in splits:
-            for i, row in enumerate(loaded[split], start=1):
-                yield f"{spec}[{split}]:row {i}", row
+            row = 0
+            for table in loaded[split].with_format("arrow").iter(batch_size=4096):
+                for record in table.to_pylist():
+                    row += 1
+                    yield f"{spec}[{split}]:row {row}", record
 
+    digest = sha256_text(json.dumps({"spec": spec, "fingerprints": fingerprints}, sort_keys=True))
     total = sum(loaded[s].num_rows for s in splits)
-    fmt, messages = _messages(records(), progress, spec, total)
-    digest = sha256_text(json.dumps({"spec": spec, "fingerprints": fingerprint}, sort_keys=True))
-    return Source(spec, f"{spec} (splits {', '.join(splits)})", fmt, digest, messages)
+    return OpenSource(spec, f"{spec} (splits {', '.join(splits)})", digest, total, records)
+
+
+def open_source(spec: str) -> OpenSource:
+    """`demo`, `hf:<repo>[@<revision>]`, or a local file (trees or per-message format)."""
+    if spec == DEMO_SOURCE:
+        return open_local(demo_path(), spec=DEMO_SOURCE)
+    if spec.startswith(HF_PREFIX):
+        return open_hf(spec)
+    return open_local(Path(spec).expanduser())
 
 
 def read_source(spec: str, progress: Progress = NULL_PROGRESS) -> Source:
-    """`demo`, `hf:<repo>[@<revision>]`, or a local file (trees or per-message format)."""
-    if spec == DEMO_SOURCE:
-        return read_local(demo_path(), progress, spec=DEMO_SOURCE)
-    if spec.startswith(HF_PREFIX):
-        return read_hf(spec, progress)
-    return read_local(Path(spec).expanduser(), progress)
+    return open_source(spec).read(progress)
 
 
 # ------------------------------------------------------------------ trees

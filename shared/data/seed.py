@@ -33,14 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfreward.config import DataConfig
 from selfreward.data.oasst import (
     EXAMPLE_IDS,
-    HF_PREFIX,
     ROLES,
     Forest,
     Message,
     Source,
     build_forest,
-    demo_path,
-    read_source,
+    open_source,
     tree_id,
 )
 from selfreward.data.split import split_key
@@ -188,14 +186,6 @@ def _stage_key(config: DataConfig, source_sha256: str, judge: EFTJudge | None) -
     return sha256_text(json.dumps(body, sort_keys=True))
 
 
-def _local_sha256(spec: str) -> str | None:
-    """The input's hash before reading it (local files); None for hub sources (known after loading)."""
-    if spec.startswith(HF_PREFIX):
-        return None
-    path = demo_path() if spec == "demo" else Path(spec).expanduser()
-    return sha256_file(path) if path.is_file() else None
-
-
 def _done(out_dir: Path, key: str) -> SeedManifest | None:
     data = read_manifest(out_dir / MANIFEST_FILE)
     if data is None or data.get("key") != key:
@@ -235,19 +225,13 @@ def prepare_seed(
             ],
             "data",
         )
-    known_sha = _local_sha256(config.source)
-    if known_sha is not None and not force:
-        done = _done(out_dir, _stage_key(config, known_sha, judge))
-        if done is not None:
-            return done
-
-    source = read_source(config.source, progress)
-    key = _stage_key(config, source.sha256, judge)
-    if known_sha is None and not force:
+    opened = open_source(config.source)
+    key = _stage_key(config, opened.sha256, judge)
+    if not force:
         done = _done(out_dir, key)
         if done is not None:
             return done
-
+    source = opened.read(progress)
     forest = build_forest(source.messages)
     return _build(config, out_dir, source, forest, key, judge, judge_concurrency, progress)
 
