@@ -8,8 +8,8 @@ both). DPO examples are TRL's conversational prompt/chosen/rejected, read from p
 Rules (docs/training.md):
 - a malformed line or record is an error naming file:line and the field;
 - a missing or empty input file, or nothing left after the skips, is an error;
-- counted skips: a chosen equal to its rejected (`chosen_equals_rejected`), an empty prompt or
-  answer (`empty_text`), a prompt that leaves no room for a single completion token within
+- counted skips: a chosen equal to its rejected (`chosen_equals_rejected`), a blank prompt or
+  answer (`empty_text`; for EFT records: a blank instruction or judged response), a prompt that leaves no room for a single completion token within
   `max_length` (`prompt_too_long`: TRL would drop it silently, we count it);
 - completions cut by `max_length` are kept and counted as `truncated`.
 """
@@ -106,11 +106,11 @@ def load_sft_data(files: list[Path], tokenizer: Any, max_length: int, judge_temp
         for lineno, raw in read_jsonl(path):
             record = parse_record(schema, raw, f"{path}:{lineno}")
             data.read += 1
-            messages = eft_messages(record, judge_template) if eft else ift_messages(record)
-            prompt, completion = messages[:-1], messages[-1:]
-            if _blank(prompt) or _blank(completion):
+            if not record.prompt.strip() or not record.response.strip():
                 data.skipped["empty_text"] += 1
                 continue
+            messages = eft_messages(record, judge_template) if eft else ift_messages(record)
+            prompt, completion = messages[:-1], messages[-1:]
             n_prompt = lengths.prompt(prompt)
             if n_prompt >= max_length:
                 data.skipped["prompt_too_long"] += 1

@@ -21,6 +21,7 @@ resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -80,6 +81,11 @@ def dpo_job(
     return run(request, _progress())
 
 
+def job_id(run: str, name: str) -> str:
+    """`train-<run>-<name>`, with characters RQ does not allow in ids replaced by `_`."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"train-{run}-{name}")
+
+
 def _absolute(config: RunConfig, **paths: str | None) -> dict[str, Any]:
     """Paths as the worker must see them: absolute (workers run elsewhere, with another cwd)."""
     from pathlib import Path
@@ -115,9 +121,9 @@ def enqueue_sft(
     retries: int = 2,
     timeout_s: int = DEFAULT_TIMEOUT_S,
 ) -> Any:
-    """Enqueue `sft_job` on an `rq.Queue` (job id `train:<run>:<name>`); returns the rq Job."""
+    """Enqueue `sft_job` on an `rq.Queue` (job id: `job_id(run, name)`); returns the rq Job."""
     kwargs = {"name": name, **_absolute(config, seed_dir=seed_dir, base_model=base_model)}
-    return _enqueue(queue, sft_job, kwargs, f"train:{config.name}:{name}", retries, timeout_s)
+    return _enqueue(queue, sft_job, kwargs, job_id(config.name, name), retries, timeout_s)
 
 
 def enqueue_dpo(
@@ -131,6 +137,6 @@ def enqueue_dpo(
     retries: int = 2,
     timeout_s: int = DEFAULT_TIMEOUT_S,
 ) -> Any:
-    """Enqueue `dpo_job` on an `rq.Queue` (job id `train:<run>:<name>`); returns the rq Job."""
+    """Enqueue `dpo_job` on an `rq.Queue` (job id: `job_id(run, name)`); returns the rq Job."""
     kwargs = {"name": name, "parent": parent, **_absolute(config, pairs=pairs, base_model=base_model)}
-    return _enqueue(queue, dpo_job, kwargs, f"train:{config.name}:{name}", retries, timeout_s)
+    return _enqueue(queue, dpo_job, kwargs, job_id(config.name, name), retries, timeout_s)
