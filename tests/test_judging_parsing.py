@@ -86,14 +86,15 @@ def test_score_position_finds_the_digit_after_the_last_label() -> None:
     assert score_position(["no", " label"]) is None
 
 
-def test_score_regex_accepts_only_verdicts_ending_in_a_score() -> None:
+def test_score_regex_accepts_only_verdicts_ending_in_a_score_line() -> None:
     import re
 
     rx = re.compile(score_regex(20))
-    assert rx.fullmatch("short reason Score: 4")
-    assert rx.fullmatch("Score: 0")
-    assert not rx.fullmatch("short reason Score: 6")
-    assert not rx.fullmatch("x" * 21 + "Score: 3")  # the justification is bounded
+    for ok in ("short reason\nScore: 4", "Score: 0", "a\nScore: 1\nScore: 5"):
+        assert rx.fullmatch(ok) and parse_score(ok)[0] is not None, ok
+    assert not rx.fullmatch("short reason\nScore: 6")
+    assert not rx.fullmatch("glued onScore: 3")  # the label must start its line
+    assert not rx.fullmatch("x" * 21 + "\nScore: 3")  # the justification is bounded
 
 
 def test_truncation_rule() -> None:

@@ -5,7 +5,7 @@ Scoring modes (`judge.mode`):
 - `sample`: K verdicts at the judge temperature; score = mean of the parsed scores
   (`parse_score`: the last "Score: N", an integer 0..5); unparseable verdicts are failures
   with their text, never a score. Where the backend supports constrained decoding (vLLM),
-  a verdict is constrained to end with "Score: [0-5]" after at most 3 x max_tokens chars.
+  a verdict is constrained to end with a line "Score: [0-5]" after at most 3 x max_tokens chars.
 - `logprob`: one verdict whose score is the expectation of 0..5 under the next-token
   distribution of the score digit, renormalised over the digits. Read after a prefilled
   "Score: " (vLLM: `continue_final_message`, one generated token) or at the score position of
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -61,11 +62,30 @@ SCORE_PREFILL = "Score: "
 SHORT_RESERVE = 8
 CONTEXT_ROUNDS = 4
 CHAT_MARGIN = 128  # tokens a chat template may add around the prompt
+STRUCTURED_TAIL = 16  # tokens kept for "Score: N" and the end of a constrained verdict
+CONTEXT_OVERFLOW = "context_overflow: the prompt template and instruction alone exceed the judge's context"
+
+
+def structured_chars(max_tokens: int, room: int | None) -> int:
+    """Length bound of a constrained justification: 3 x max_tokens characters, less where the
+    context leaves fewer tokens (counting one token per character, plus the score's tokens)."""
+    bound = 3 * max_tokens
+    if room is not None:
+        bound = min(bound, room - STRUCTURED_TAIL)
+    return max(0, bound)
 
 
 def score_regex(max_chars: int) -> str:
-    """Constrained verdict: any text of at most `max_chars` characters, then "Score: [0-5]"."""
-    return r"[\s\S]{0," + str(max_chars) + "}Score: [0-5]"
+    """Constrained verdict: "Score: [0-5]" alone, or after a justification of at most `max_chars`
+    characters ending in a newline (so the label stands on its own line, as the prompt asks)."""
+    return r"(?:[\s\S]{0," + str(max_chars) + r"}\n)?Score: [0-5]"
+
+
+@dataclass(frozen=True)
+class Fitted:
+    prompt: str | None  # None: cannot fit even with the responses cut to nothing
+    cut: bool  # the token rule cut the response(s)
+    room: int | None  # tokens left after the prompt (a lower bound), where the backend reports it
 
 
 class ScoreResult(BaseModel):
@@ -175,41 +195,39 @@ class Judge:
         fields: tuple[str, ...],
         reserve: int,
         prefill: str | None,
-    ) -> tuple[str | None, list[str], bool]:
-        """Render the prompt, cutting `texts` by the token rule where the backend reports its context.
-
-        Returns (prompt or None when it cannot fit, the texts used, whether they were cut).
-        """
+    ) -> Fitted:
+        """Render the prompt, cutting `texts` by the token rule where the backend reports its context."""
         cut = False
         for _ in range(CONTEXT_ROUNDS + 1):
             prompt = template.render(instruction=instruction, **dict(zip(fields, texts, strict=True)))
             counted = await self._count(prompt, prefill, reserve)
             if counted is None:
-                return prompt, texts, cut
+                return Fitted(prompt, cut, None)
             tokens, limit = counted
             budget = limit - reserve
             if tokens <= budget:
-                return prompt, texts, cut
+                return Fitted(prompt, cut, limit - tokens)
             if all(not t for t in texts):
                 break
             shrunk = shrink_for_overflow(texts, len(prompt), tokens, budget)
             if shrunk == texts:
                 break
             texts, cut = shrunk, True
-        return None, texts, cut
+        return Fitted(None, cut, None)
 
     async def _count(self, prompt: str, prefill: str | None, reserve: int) -> tuple[int, int] | None:
-        """(tokens, context) of the prompt, or None when unknown or surely fitting.
+        """(tokens, context) of the prompt, or None when the backend does not report its context.
 
         A token covers at least one byte of text, so a prompt whose UTF-8 bytes plus the chat
-        template's overhead (CHAT_MARGIN) and the reserve fit the known context needs no count.
+        template's overhead (CHAT_MARGIN) and the reserve fit the known context is not sent to
+        the tokenizer: its byte count (+ CHAT_MARGIN) stands in as an upper bound.
         """
         if not (await self._caps()).context:
             return None
         known = self.backend.context_len
-        size = len(prompt.encode("utf-8")) + len((prefill or "").encode("utf-8"))
-        if known is not None and size + CHAT_MARGIN + reserve <= known:
-            return None
+        size = len(prompt.encode("utf-8")) + len((prefill or "").encode("utf-8")) + CHAT_MARGIN
+        if known is not None and size + reserve <= known:
+            return size, known
         return await self.backend.count_tokens(prompt, prefill)
 
     def _failed(self, failure: str) -> None:
@@ -313,20 +331,18 @@ class Judge:
         source = params.get("source")
         prefill = SCORE_PREFILL if source == "prefill" else None
         reserve = cfg.max_tokens if (cfg.mode == "sample" or source == "verdict") else SHORT_RESERVE
-        prompt, _, context_cut = await self._fit(
-            self.template, instruction, [response], ("response",), reserve, prefill
-        )
+        fitted = await self._fit(self.template, instruction, [response], ("response",), reserve, prefill)
+        prompt = fitted.prompt
         if prompt is None:
-            failure = "context_overflow: the instruction alone exceeds the judge's context"
-            return [Verdict(text="", failure=failure) for _ in range(n)]
-        extra = {"context_cut": True} if context_cut else {}
+            return [Verdict(text="", failure=CONTEXT_OVERFLOW) for _ in range(n)]
+        extra = {"context_cut": True} if fitted.cut else {}
         structured = bool(params.get("structured"))
         constraint = None
         max_tokens = cfg.max_tokens
         if structured:
-            max_chars = 3 * cfg.max_tokens
+            max_chars = structured_chars(cfg.max_tokens, fitted.room)
             constraint = Constraint(regex=score_regex(max_chars))
-            # enough tokens for the longest constrained verdict even at one character per token
+            # enough tokens for the longest constrained verdict (the server clamps to its context)
             max_tokens = 4 * max_chars + 16
 
         if cfg.mode == "sample":
@@ -499,14 +515,12 @@ class Judge:
     async def _pair_verdict(
         self, instruction: str, out1: str, out2: str, params: dict[str, Any]
     ) -> tuple[dict[str, Any], bool]:
-        prompt, _, cut = await self._fit(
+        fitted = await self._fit(
             self.compare_template, instruction, [out1, out2], ("output_1", "output_2"), SHORT_RESERVE, None
         )
+        prompt, cut = fitted.prompt, fitted.cut
         if prompt is None:
-            return {
-                "text": "",
-                "failure": "context_overflow: the instruction alone exceeds the judge's context",
-            }, cut
+            return {"text": "", "failure": CONTEXT_OVERFLOW}, cut
         if self.mode == "sample":
             structured = bool(params.get("structured"))
             outs = await self._generate(
