@@ -6,8 +6,9 @@
     GET  /healthz     liveness + what the service is configured with (no secrets)
     GET  /metrics     Prometheus text format
 
-One `Judge` per (spec, mode), built on first use and shared by all requests, so the
-per-backend concurrency bound and rate limit hold across requests. Errors are JSON
+One `Judge` per spec, built on first use and shared by all requests (a request with another
+mode gets a view of it with the same backend), so the per-backend concurrency bound and rate
+limit hold across requests. Errors are JSON
 {"detail": message}: 400 for a bad spec or setting, 401 without the bearer token (when
 SELFREWARD_API_TOKEN is set), 502 when the backend rejects the judge (bad key, unknown model).
 """
@@ -78,12 +79,10 @@ class JudgePool:
                 ["no judge given and no default judge (set SELFREWARD_DEFAULT_JUDGE)"], "request"
             )
         config = s.config.judge
-        if mode is not None and mode != config.mode:
-            config = config.model_copy(update={"mode": mode})
-        key = (spec, config.mode)
         async with self._lock:
-            if key not in self._judges:
-                self._judges[key] = make_judge(
+            base = self._judges.get((spec, config.mode))
+            if base is None:
+                base = make_judge(
                     spec,
                     config,
                     policy_url=s.policy_url,
@@ -92,9 +91,16 @@ class JudgePool:
                     redis_url=s.redis_url,
                     observer=self.metrics,
                 )
-            return self._judges[key]
+                self._judges[(spec, config.mode)] = base
+            if mode is None or mode == config.mode:
+                return base
+            if (spec, mode) not in self._judges:
+                # same backend (one concurrency bound and rate limit per backend), another mode
+                self._judges[(spec, mode)] = base.with_config(config.model_copy(update={"mode": mode}))
+            return self._judges[(spec, mode)]
 
     async def aclose(self) -> None:
+        # judges of one spec share a backend and a cache: closing twice is harmless
         for judge in self._judges.values():
             await judge.aclose()
         self._judges.clear()

@@ -561,6 +561,11 @@ class Judge:
 
     # ------------------------------------------------------------ lifecycle
 
+    def with_config(self, config: JudgeConfig) -> Judge:
+        """A judge with other settings (e.g. mode) sharing this one's backend, so its concurrency
+        bound and rate limit, and its cache. Backend settings (limits, retries) stay this judge's."""
+        return Judge(self.spec, config, self.backend, self.cache, self.observer)
+
     async def aclose(self) -> None:
         await self.backend.aclose()
         if self.cache is not None:
