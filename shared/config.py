@@ -328,11 +328,11 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(merged.get(k), dict):
-            merged[k] = _deep_merge(merged[k], v)
+            merged[k] = deep_merge(merged[k], v)
         else:
             merged[k] = v
     return merged
@@ -357,7 +357,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def build_config(
     data: Mapping[str, Any], environ: Mapping[str, str] | None = None, source: str = "config"
 ) -> RunConfig:
-    merged = _deep_merge(dict(data), env_overrides(environ))
+    merged = deep_merge(dict(data), env_overrides(environ))
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
