@@ -1,0 +1,152 @@
+"""Run state of the coordinator, in Redis (with AOF in compose) beside the artifact manifests.
+
+Keys (prefix `selfreward:`):
+    runs                        sorted set of run ids by creation time
+    run:<id>                    hash: config (JSON), created_at, cancelled, artifact_root
+    run:<id>:iter:<t>           hash: status, jobs (JSON {stage: job id}), error, failed_stage,
+                                started_at, finished_at, attempt
+    lock:run:<id>               short lock around starting an iteration
+
+What is done is read from the artifact store (a stage is done when its manifest exists);
+what is queued or running is read from RQ by job id. So after a coordinator restart the state
+is exactly what the workers and the manifests say.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from selfreward.config import RunConfig, build_config
+from selfreward.errors import SelfRewardError
+
+PREFIX = "selfreward:"
+
+
+class RunNotFound(SelfRewardError):
+    pass
+
+
+class Conflict(SelfRewardError):
+    pass
+
+
+@dataclass
+class IterationState:
+    t: int
+    status: str  # queued | running | done | failed | cancelled
+    jobs: dict[str, str]
+    error: str | None
+    failed_stage: str | None
+    started_at: float | None
+    finished_at: float | None
+    attempt: int
+
+
+class RunStore:
+    def __init__(self, conn: redis.Redis) -> None:
+        self.r = conn
+
+    # ------------------------------------------------------------ runs
+
+    def _run_key(self, run_id: str) -> str:
+        return f"{PREFIX}run:{run_id}"
+
+    def _iter_key(self, run_id: str, t: int) -> str:
+        return f"{PREFIX}run:{run_id}:iter:{t}"
+
+    def create_run(self, config: RunConfig) -> bool:
+        """Register a run; False if a run with that name exists with another config."""
+        key = self._run_key(config.name)
+        body = config.model_dump_json()
+        created = self.r.hsetnx(key, "config", body)
+        if created:
+            self.r.hset(key, mapping={"created_at": time.time(), "cancelled": 0})
+            self.r.zadd(f"{PREFIX}runs", {config.name: time.time()})
+            return True
+        existing = self.r.hget(key, "config")
+        if existing is not None and json.loads(existing) == json.loads(body):
+            return False
+        raise Conflict(f"run {config.name!r} exists with a different config; choose another name")
+
+    def exists(self, run_id: str) -> bool:
+        return bool(self.r.exists(self._run_key(run_id)))
+
+    def config(self, run_id: str) -> RunConfig:
+        raw = self.r.hget(self._run_key(run_id), "config")
+        if raw is None:
+            raise RunNotFound(f"no run {run_id!r}")
+        return build_config(json.loads(raw), environ={}, source=f"run {run_id}")
+
+    def run_ids(self) -> list[str]:
+        return [x.decode() for x in self.r.zrange(f"{PREFIX}runs", 0, -1)]
+
+    def run_meta(self, run_id: str) -> dict[str, Any]:
+        raw = self.r.hgetall(self._run_key(run_id))
+        if not raw:
+            raise RunNotFound(f"no run {run_id!r}")
+        meta = {k.decode(): v.decode() for k, v in raw.items() if k != b"config"}
+        return {"created_at": float(meta.get("created_at", 0)), "cancelled": meta.get("cancelled") == "1"}
+
+    def set_cancelled(self, run_id: str, cancelled: bool) -> None:
+        self.r.hset(self._run_key(run_id), "cancelled", int(cancelled))
+
+    # ------------------------------------------------------------ iterations
+
+    def iterations(self, run_id: str) -> list[int]:
+        raw = self.r.hget(self._run_key(run_id), "iterations")
+        return sorted(json.loads(raw)) if raw else []
+
+    def iteration(self, run_id: str, t: int) -> IterationState | None:
+        raw = self.r.hgetall(self._iter_key(run_id, t))
+        if not raw:
+            return None
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        return IterationState(
+            t=t,
+            status=h.get("status", "queued"),
+            jobs=json.loads(h.get("jobs", "{}")),
+            error=h.get("error") or None,
+            failed_stage=h.get("failed_stage") or None,
+            started_at=float(h["started_at"]) if h.get("started_at") else None,
+            finished_at=float(h["finished_at"]) if h.get("finished_at") else None,
+            attempt=int(h.get("attempt", "0")),
+        )
+
+    def save_iteration(self, run_id: str, state: IterationState) -> None:
+        self.r.hset(
+            self._iter_key(run_id, state.t),
+            mapping={
+                "status": state.status,
+                "jobs": json.dumps(state.jobs),
+                "error": state.error or "",
+                "failed_stage": state.failed_stage or "",
+                "started_at": "" if state.started_at is None else state.started_at,
+                "finished_at": "" if state.finished_at is None else state.finished_at,
+                "attempt": state.attempt,
+            },
+        )
+        ts = set(self.iterations(run_id)) | {state.t}
+        self.r.hset(self._run_key(run_id), "iterations", json.dumps(sorted(ts)))
+
+    def update_iteration(self, run_id: str, t: int, **fields: Any) -> None:
+        mapping = {
+            k: ("" if v is None else json.dumps(v) if isinstance(v, dict) else v) for k, v in fields.items()
+        }
+        self.r.hset(self._iter_key(run_id, t), mapping=mapping)
+
+    @contextmanager
+    def lock(self, run_id: str, timeout_s: float = 30.0) -> Iterator[None]:
+        lock = self.r.lock(f"{PREFIX}lock:run:{run_id}", timeout=timeout_s, blocking_timeout=timeout_s)
+        if not lock.acquire():
+            raise Conflict(f"run {run_id!r} is busy; try again")
+        try:
+            yield
+        finally:
+            lock.release()
