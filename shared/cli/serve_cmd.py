@@ -37,3 +37,24 @@ def judge(
         env["SELFREWARD_CONFIG"] = str(config)
     app_ = create_app(JudgeSettings.from_env(env))
     uvicorn.run(app_, host=host, port=port, log_level=log_level)
+
+
+@app.command("coordinator")
+@friendly_errors
+def coordinator(
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address (0.0.0.0 in containers)"),
+    port: int = typer.Option(8080, "--port", min=1, max=65535),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="default $REDIS_URL"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """The coordinator: REST API for runs and iterations (docs/api.md; OpenAPI at /docs).
+
+    Settings from the environment: REDIS_URL, SELFREWARD_API_TOKEN (bearer token for mutating
+    routes), and SELFREWARD_* config overrides applied to every posted run config (e.g.
+    SELFREWARD_ARTIFACT_ROOT, SELFREWARD_SERVICES__POLICY_URL).
+    """
+    import uvicorn
+
+    from selfreward.services.coordinator.api import create_app
+
+    uvicorn.run(create_app(redis_url=redis_url), host=host, port=port, log_level=log_level)

@@ -123,3 +123,25 @@ def worker_train(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     start_worker(redis_url, queue, burst=burst, name=name, with_scheduler=with_scheduler)
+
+
+@worker_app.command("start")
+def worker_start(
+    queue: list[str] = typer.Option(..., "--queue", help="queue(s) to serve: generate, judge, train, evaluate"),
+    redis_url: str = typer.Option(..., envvar="REDIS_URL", help="redis://host:port/db (default $REDIS_URL)"),
+    burst: bool = typer.Option(False, help="exit when the queues are empty"),
+    with_scheduler: bool = typer.Option(True, help="also run RQ's scheduler (stage retries use intervals)"),
+    name: str | None = typer.Option(None, help="worker name"),
+) -> None:
+    """Run an RQ worker for the loop's stage jobs on the given queues (docs/architecture.md).
+
+    Any queue mix works: a GPU host serves `train`, a CPU host `generate`, `judge` and `evaluate`.
+    """
+    from selfreward.loop.plan import QUEUES
+    from selfreward.services.trainer.worker import start_worker
+
+    unknown = sorted(set(queue) - set(QUEUES))
+    if unknown:
+        raise typer.BadParameter(f"unknown queue(s) {unknown}; queues: {list(QUEUES)}", param_hint="--queue")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    start_worker(redis_url, queue, burst=burst, name=name, with_scheduler=with_scheduler)
