@@ -133,6 +133,17 @@ class OpenAICompatBackend(Backend):
         self._clients: dict[int, tuple[asyncio.AbstractEventLoop, OpenAICompatClient]] = {}
         self._caps: Capabilities | None = None
         self._label_ids: dict[tuple[str, ...], list[int] | None] = {}
+        self._locks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+
+    def _setup_lock(self) -> asyncio.Lock:
+        """Serialises the one-time probes (capabilities, label token ids) within an event loop."""
+        loop = asyncio.get_running_loop()
+        entry = self._locks.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            entry = (loop, asyncio.Lock())
+            self._locks = {k: v for k, v in self._locks.items() if not v[0].is_closed()}
+            self._locks[id(loop)] = entry
+        return entry[1]
 
     def _client(self) -> OpenAICompatClient:
         loop = asyncio.get_running_loop()
@@ -157,12 +168,17 @@ class OpenAICompatBackend(Backend):
     async def capabilities(self) -> Capabilities:
         if self._caps is not None:
             return self._caps
+        async with self._setup_lock():
+            if self._caps is None:
+                self._caps = await self._probe()
+        return self._caps
+
+    async def _probe(self) -> Capabilities:
         try:
             models = await self._client().models()
         except HTTPStatusError as exc:
             if exc.status in (404, 405):  # a server without /v1/models: plain chat only
-                self._caps = Capabilities()
-                return self._caps
+                return Capabilities()
             raise
         names = [str(m.get("id")) for m in models]
         if self.spec.kind == "policy" and self.spec.model not in names:
@@ -172,17 +188,21 @@ class OpenAICompatBackend(Backend):
             )
         ours = next((m for m in models if m.get("id") == self.spec.model), models[0] if models else {})
         if str(ours.get("owned_by", "")).lower() == "vllm":
-            self._caps = Capabilities(
+            return Capabilities(
                 prefill=True, structured=True, label_logprobs=True, context=True, server="vllm"
             )
-        else:
-            self._caps = Capabilities()
-        return self._caps
+        return Capabilities()
 
     async def _label_token_ids(self, labels: tuple[str, ...]) -> list[int] | None:
         """Token ids of each label ("3" and " 3" forms) when each is a single token, else None."""
         if labels in self._label_ids:
             return self._label_ids[labels]
+        async with self._setup_lock():
+            if labels not in self._label_ids:
+                self._label_ids[labels] = await self._tokenize_labels(labels)
+        return self._label_ids[labels]
+
+    async def _tokenize_labels(self, labels: tuple[str, ...]) -> list[int] | None:
         ids: list[int] = []
         for label in labels:
             forms = []
@@ -191,11 +211,9 @@ class OpenAICompatBackend(Backend):
                 if len(data.get("tokens", [])) == 1:
                     forms.append(int(data["tokens"][0]))
             if not forms:
-                self._label_ids[labels] = None
                 return None
             ids.extend(forms)
-        self._label_ids[labels] = sorted(set(ids))
-        return self._label_ids[labels]
+        return sorted(set(ids))
 
     async def generate(
         self,
