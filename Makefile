@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: setup redis-check test test-fast lint quickstart lock clean
+.PHONY: setup redis-check test test-fast lint quickstart lock clean k8s-validate compose-validate hadolint deploy-validate
 
 setup: $(BIN)/selfreward redis-check ## create .venv and install everything (pinned)
 
@@ -31,6 +31,22 @@ redis-check: ## tests and the distributed mode need redis-server
 test: setup ## the whole suite (real Redis, real vLLM on CPU, tiny models)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# Deployment checks, offline (they are tests in tests/test_deploy_files.py, so `make test` runs them):
+# kustomize (or kubectl >= 1.27) renders k8s/overlays/{gpu,cpu}, kubernetes-validate checks the
+# output against the Kubernetes schemas; the compose files against the compose-spec schema
+# (vendored by check-jsonschema); the Dockerfile with hadolint.
+k8s-validate: setup ## render the kustomize overlays and validate them against the Kubernetes schemas
+	@command -v kustomize >/dev/null || command -v kubectl >/dev/null || { echo "k8s-validate needs kustomize or kubectl (>= 1.27) on PATH"; exit 1; }
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_deploy_files.py -k "overlay or kubernetes or ingress or references or network or resources"
+
+compose-validate: setup ## docker-compose.yml and compose.cpu.yaml against the compose specification
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_deploy_files.py -k "compose or interpolation or merge or schema_check or pinned"
+
+hadolint: setup ## lint the Dockerfile
+	$(BIN)/hadolint Dockerfile
+
+deploy-validate: k8s-validate compose-validate hadolint
 
 test-fast: ## skip the tests marked slow (SmolLM2-135M)
 	$(BIN)/pytest -q -m "not slow"
