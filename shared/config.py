@@ -210,7 +210,7 @@ class TrainingConfig(StrictModel):
 class PolicyServerConfig(StrictModel):
     device: Literal["cpu", "cuda"] = "cpu"
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="0: a free port, chosen at start")
     enforce_eager: bool | None = Field(None, description="default: True on CPU, False on GPU")
     cpu_kvcache_gib: float = Field(2.0, gt=0)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1.0)
@@ -220,6 +220,13 @@ class PolicyServerConfig(StrictModel):
     max_logprobs: int = Field(20, ge=1)
     startup_timeout_s: float = Field(600.0, gt=0)
     extra_args: list[str] = []
+    python: str | None = Field(
+        None, description="Python interpreter of the environment that has vLLM; default: this one"
+    )
+    access_log: bool = Field(False, description="log every HTTP request in the server's log")
+    fingerprint_tolerance: float = Field(
+        0.02, gt=0, description="max |logprob difference| between an adapter's fingerprint and the served adapter"
+    )
 
 
 class ServicesConfig(StrictModel):

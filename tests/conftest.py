@@ -51,3 +51,37 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not present at {SHARED_DATA} (optional real-data test)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # -> PolicyServer
+    """ONE real vLLM OpenAI-compatible server for the whole session (the policy service).
+
+    It serves `tiny_model_dir` (random 2-layer Llama, real BPE tokenizer, ChatML template)
+    on a free loopback port: fp32, eager, LoRA enabled (rank <= 16, runtime loading on),
+    `--max-logprobs 20`, max_model_len 1024. Starting it takes about a minute; every test
+    that asks for it shares it. Attributes:
+      url        base URL without /v1, e.g. http://127.0.0.1:43121
+      model      served name of the base model ("tiny")
+      model_dir  the served folder
+      log_path   vLLM's log
+    Tests that load adapters must unload them (or use unique names): the server is shared.
+    """
+    from selfreward.config import PolicyServerConfig
+    from selfreward.services.policy.launcher import PolicyServer
+
+    policy = PolicyServerConfig(port=0, cpu_kvcache_gib=1, max_lora_rank=16, max_loras=2, max_logprobs=20)
+    logs = tmp_path_factory.mktemp("policy-logs")
+    with PolicyServer(
+        tiny_model_dir, served_name="tiny", policy=policy, max_model_len=1024, log_dir=logs
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA adapter (rank 8, all linear layers, random non-zero B) on `tiny_model_dir`,
+    with manifest.json (adapter_sha256, fingerprint, base_model) as the trainer writes it."""
+    from selfreward.testing.tiny_model import build_tiny_lora
+
+    return build_tiny_lora(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora") / "lora-a", seed=1)

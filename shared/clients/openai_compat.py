@@ -7,8 +7,13 @@ errors (4xx other than 408/429) are not retried: they name the request's model a
 server's message.
 
 vLLM specifics used here: `structured_outputs` (e.g. {"regex": ...}) for constrained
-decoding, runtime LoRA management under /v1/load_lora_adapter and /v1/unload_lora_adapter,
-and `/health`.
+decoding (the old `guided_regex` field is silently ignored by vLLM >= 0.11), token-id prompts,
+`prompt_logprobs` and `return_tokens_as_token_ids` (model fingerprints), runtime LoRA
+management under /v1/load_lora_adapter and /v1/unload_lora_adapter (a failed load answers
+500 and is not retried: it fails the same way again), `/tokenize` and `/health`.
+
+Create a client inside the coroutine that uses it (its connection pool belongs to one event
+loop), e.g. `run_sync(main())` with `async with OpenAICompatClient(url) as client:` in main.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from selfreward.errors import ServiceError
 
 T = TypeVar("T")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# adapter management: a 500 there is the worker refusing the adapter (wrong shapes, bad files)
+ADMIN_RETRY_STATUS = {408, 429, 502, 503, 504}
 
 
 class HTTPStatusError(ServiceError):
@@ -54,9 +61,9 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, statuses: frozenset[int] | set[int] = frozenset(RETRY_STATUS)) -> bool:
     if isinstance(exc, HTTPStatusError):
-        return exc.status in RETRY_STATUS
+        return exc.status in statuses
     return isinstance(exc, httpx.TransportError | httpx.TimeoutException)
 
 
@@ -102,6 +109,7 @@ async def with_retries(
     max_retries: int,
     on_retry: Callable[[BaseException], None] | None = None,
     initial_backoff_s: float = 0.5,
+    retry_if: Callable[[BaseException], bool] = is_transient,
 ) -> T:
     """Run `fn` with the retry policy above (shared by every backend)."""
 
@@ -110,7 +118,7 @@ async def with_retries(
             on_retry(state.outcome.exception())  # type: ignore[arg-type]
 
     retrying = AsyncRetrying(
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(retry_if),
         stop=stop_after_attempt(max_retries + 1),
         wait=backoff_wait(initial_backoff_s),
         reraise=True,
@@ -126,9 +134,13 @@ async def with_retries(
 class Choice:
     text: str
     finish_reason: str | None = None
-    # per generated token: {token: logprob} of the top alternatives (None if not asked)
+    # per generated token: {token: logprob} of the top alternatives (None if not asked); with
+    # return_tokens_as_token_ids the tokens read "token_id:<id>"
     top_logprobs: list[dict[str, float]] | None = None
     tokens: list[str] | None = None
+    # completions with prompt_logprobs: per prompt token (None for the first) {token id: logprob}
+    # of the top alternatives and the prompt's own token
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -152,6 +164,23 @@ def _completion_logprobs(choice: dict[str, Any]) -> tuple[list[dict[str, float]]
     if not lp or lp.get("top_logprobs") is None:
         return None, None
     return [dict(d or {}) for d in lp["top_logprobs"]], lp.get("tokens")
+
+
+def _prompt_logprobs(choice: dict[str, Any]) -> list[dict[int, float] | None] | None:
+    rows = choice.get("prompt_logprobs")
+    if rows is None:
+        return None
+    return [
+        None if row is None else {int(tok): float(v["logprob"]) for tok, v in row.items()} for row in rows
+    ]
+
+
+def token_id(token: str) -> int:
+    """The id in a "token_id:<id>" token (vLLM's return_tokens_as_token_ids)."""
+    prefix, _, value = token.partition(":")
+    if prefix != "token_id" or not value.lstrip("-").isdigit():
+        raise ValueError(f"not a token id: {token!r} (ask with return_tokens_as_token_ids=True)")
+    return int(value)
 
 
 class OpenAICompatClient:
@@ -196,7 +225,21 @@ class OpenAICompatClient:
 
     # -------------------------------------------------------------- transport
 
-    async def _request(self, method: str, path: str, json: Any = None, retry: bool = True) -> Any:
+    @classmethod
+    def for_policy(cls, config: Any, **kwargs: Any) -> OpenAICompatClient:
+        """A client of the run's policy server (services.policy_url, concurrency, request timeout)."""
+        services = config.services
+        options = {"concurrency": services.concurrency, "timeout_s": services.request_timeout_s, **kwargs}
+        return cls(services.policy_url, **options)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        retry: bool = True,
+        retry_statuses: frozenset[int] | set[int] = frozenset(RETRY_STATUS),
+    ) -> Any:
         async def once() -> Any:
             await self._limiter.acquire()
             async with self._semaphore:
@@ -221,7 +264,13 @@ class OpenAICompatClient:
         if not retry:
             return await once()
         try:
-            return await with_retries(once, self.max_retries, self.on_retry, self.initial_backoff_s)
+            return await with_retries(
+                once,
+                self.max_retries,
+                self.on_retry,
+                self.initial_backoff_s,
+                retry_if=lambda exc: is_transient(exc, retry_statuses),
+            )
         except httpx.TransportError as exc:
             raise ServiceError(
                 f"{self.base_url}{path}: unreachable after {self.max_retries + 1} attempts "
@@ -270,13 +319,18 @@ class OpenAICompatClient:
         stop: list[str] | None = None,
         top_logprobs: int | None = None,
         structured: dict[str, Any] | None = None,
+        return_tokens_as_token_ids: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> Generation:
-        body = {"model": model, "messages": messages}
+        """One chat request; `n` choices. `structured`: vLLM's structured_outputs, e.g.
+        {"regex": "Score: [0-5]"} or {"json": <schema>}."""
+        body: dict[str, Any] = {"model": model, "messages": messages}
         body.update(self._sampling(n, temperature, top_p, max_tokens, seed, stop, structured, extra))
         if top_logprobs is not None:
             body["logprobs"] = True
             body["top_logprobs"] = top_logprobs
+        if return_tokens_as_token_ids:
+            body["return_tokens_as_token_ids"] = True
         data = await self._request("POST", "/v1/chat/completions", body)
         choices = []
         for c in sorted(data.get("choices", []), key=lambda c: c.get("index", 0)):
@@ -288,7 +342,7 @@ class OpenAICompatClient:
     async def complete(
         self,
         model: str,
-        prompt: str,
+        prompt: str | list[int],
         *,
         n: int = 1,
         temperature: float | None = None,
@@ -297,18 +351,27 @@ class OpenAICompatClient:
         seed: int | None = None,
         stop: list[str] | None = None,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         structured: dict[str, Any] | None = None,
+        return_tokens_as_token_ids: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> Generation:
-        body = {"model": model, "prompt": prompt}
+        """One completion request: `prompt` is text or token ids (sent as they are, no BOS added)."""
+        body: dict[str, Any] = {"model": model, "prompt": prompt}
         body.update(self._sampling(n, temperature, top_p, max_tokens, seed, stop, structured, extra))
         if logprobs is not None:
             body["logprobs"] = logprobs
+        if prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs
+        if return_tokens_as_token_ids:
+            body["return_tokens_as_token_ids"] = True
         data = await self._request("POST", "/v1/completions", body)
         choices = []
         for c in sorted(data.get("choices", []), key=lambda c: c.get("index", 0)):
             tops, tokens = _completion_logprobs(c)
-            choices.append(Choice(c.get("text") or "", c.get("finish_reason"), tops, tokens))
+            choices.append(
+                Choice(c.get("text") or "", c.get("finish_reason"), tops, tokens, _prompt_logprobs(c))
+            )
         return Generation(data.get("model", model), choices, data.get("usage") or {}, data)
 
     # -------------------------------------------------------------- models and adapters
@@ -342,11 +405,21 @@ class OpenAICompatClient:
             body["add_special_tokens"] = add_special_tokens
         return dict(await self._request("POST", "/tokenize", body))
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        await self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+    async def adapters(self) -> list[dict[str, Any]]:
+        """The LoRA adapters the server serves (models with a parent): id, root (path), parent."""
+        return [m for m in await self.models() if m.get("parent")]
+
+    async def load_adapter(self, name: str, path: str, load_inplace: bool = False) -> None:
+        """Serve the PEFT adapter at `path` (a path on the server's machine) as model `name`."""
+        body: dict[str, Any] = {"lora_name": name, "lora_path": str(path)}
+        if load_inplace:
+            body["load_inplace"] = True
+        await self._request("POST", "/v1/load_lora_adapter", body, retry_statuses=ADMIN_RETRY_STATUS)
 
     async def unload_adapter(self, name: str) -> None:
-        await self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        await self._request(
+            "POST", "/v1/unload_lora_adapter", {"lora_name": name}, retry_statuses=ADMIN_RETRY_STATUS
+        )
 
     async def health(self, timeout_s: float = 5.0) -> bool:
         with contextlib.suppress(httpx.HTTPError, OSError):

@@ -101,3 +101,46 @@ def build_tiny_llama(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_lora(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    seed: int = 1,
+    init_std: float = 0.5,
+    manifest: bool = True,
+) -> Path:
+    """Save a PEFT LoRA adapter (all linear layers) for the model in `base_dir` into `out_dir`.
+
+    PEFT initialises B to zero (a no-op adapter); here B is drawn from N(0, init_std) with
+    `seed`, so the adapter visibly changes the model's outputs (init_std=0 keeps the no-op).
+    With `manifest`, writes manifest.json with the fields publishing reads
+    (`selfreward.fingerprint.adapter_manifest_fields`: adapter_sha256, fingerprint, base_model).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * init_std)
+    peft_model.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if manifest:
+        import json
+
+        from selfreward.fingerprint import adapter_manifest_fields, compute_fingerprint
+
+        peft_model.eval()
+        fields = adapter_manifest_fields(out, compute_fingerprint(peft_model, tokenizer), base_dir)
+        (out / "manifest.json").write_text(json.dumps({"name": out.name, **fields}, indent=2) + "\n")
+    return out
