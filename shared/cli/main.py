@@ -10,7 +10,17 @@ from __future__ import annotations
 import typer
 
 from selfreward import __version__
-from selfreward.cli import config_cmd, data_cmd, eval_cmd, judge_cmd, report_cmd, serve_cmd
+from selfreward.cli import (
+    config_cmd,
+    data_cmd,
+    eval_cmd,
+    judge_cmd,
+    policy_cmd,
+    report_cmd,
+    run_cmd,
+    serve_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     name="selfreward",
@@ -21,11 +31,15 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(policy_cmd.app, name="policy")
 app.add_typer(judge_cmd.app, name="judge")
 app.add_typer(serve_cmd.app, name="serve")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("report")(report_cmd.report)
+app.command("run")(run_cmd.run)
+app.add_typer(train_cmd.app, name="train")
+app.add_typer(train_cmd.worker_app, name="worker")
 
 
 @app.command()

@@ -165,8 +165,34 @@ def _publish(ctx: StageContext) -> dict[str, Any]:
 # ---------------------------------------------------------------- iteration t >= 1
 
 
-def _policy_model(ctx: StageContext) -> str:
-    return plan.served_name(ctx.layout, ctx.t)
+async def ensure_served(client: OpenAICompatClient, layout: RunLayout, t: int) -> str:
+    """M(t)'s served name, publishing it again if the policy server lost it (a restarted vLLM
+    forgets adapters loaded at run time); the fingerprint is checked again when it is."""
+    name = plan.served_name(layout, t)
+    if t == 0 or name in await client.model_names():
+        return name
+    from selfreward.services.policy.publish import publish_adapter
+
+    parent = await ensure_served(client, layout, t - 1)
+    record = await publish_adapter(
+        client, layout.model_dir(plan.model_name(t)), name=plan.model_name(t), parent=parent
+    )
+    if record["served_name"] != name:
+        raise StageError(
+            "publish",
+            f"{plan.model_name(t)} changed since it was published as {name!r} (now {record['served_name']!r})",
+        )
+    return name
+
+
+def _policy_model(ctx: StageContext, t: int | None = None) -> str:
+    """The served name of M(t) (default: the context's iteration), made sure to be served."""
+
+    async def go() -> str:
+        async with ctx.client() as client:
+            return await ensure_served(client, ctx.layout, ctx.t if t is None else t)
+
+    return asyncio.run(go())
 
 
 def _prompts(ctx: StageContext) -> dict[str, Any]:
@@ -215,6 +241,7 @@ def _candidates(ctx: StageContext) -> dict[str, Any]:
     if not prompts:
         raise EmptyResultError(f"{ctx.file('prompts')}: no prompts to answer")
     demo = cfg.variant == "teacher-demo"
+    model = _policy_model(ctx)
 
     async def go() -> dict[str, Any]:
         teacher = None
@@ -226,7 +253,7 @@ def _candidates(ctx: StageContext) -> dict[str, Any]:
             try:
                 return await generate_candidates(
                     client,
-                    _policy_model(ctx),
+                    model,
                     prompts,
                     cfg.candidates,
                     ctx.file("candidates"),
@@ -305,13 +332,13 @@ def _evaluate(ctx: StageContext) -> dict[str, Any]:
     from selfreward.evaluation.iteration import run_evaluate_stage
 
     cfg = ctx.config
-    new = plan.served_name(ctx.layout, ctx.t + 1)
+    new = _policy_model(ctx, ctx.t + 1)
     against = cfg.eval.head2head_against
     baseline = None
     if against == "previous":
-        baseline = plan.served_name(ctx.layout, ctx.t)
+        baseline = _policy_model(ctx, ctx.t)
     elif against in ("m0", "m1"):
-        baseline = plan.served_name(ctx.layout, int(against[1]))
+        baseline = _policy_model(ctx, int(against[1]))
     data = run_evaluate_stage(
         cfg, ctx.layout, ctx.t, new, baseline, ctx.progress, policy_url=ctx.url, redis_url=ctx.redis_url
     )

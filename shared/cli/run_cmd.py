@@ -1,0 +1,81 @@
+"""`selfreward run CONFIG`: the embedded mode (one machine, stages in this process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from selfreward.cli.ui import RichProgressSink, console, friendly_errors, print_table
+
+
+def _key_counts(stage: str, manifest: dict) -> str:
+    keys = {
+        "prepare": ("seed_counts",),
+        "sft": ("model", "steps", "final_metrics"),
+        "publish": ("served_name", "max_abs_diff"),
+        "prompts": ("prompts", "attempts"),
+        "candidates": ("candidates", "teacher_answers"),
+        "judgments": ("judged", "parse_failures", "skipped"),
+        "pairs": ("pairs", "tie_rate", "parse_failure_rate"),
+        "train": ("model", "steps", "final_metrics"),
+        "evaluate": ("metrics",),
+    }[stage]
+    parts = []
+    for k in keys:
+        if manifest.get(k) is None:
+            continue
+        v = manifest[k]
+        if isinstance(v, float):
+            v = f"{v:.3g}"
+        elif isinstance(v, dict):
+            v = json.dumps({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()})
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+@friendly_errors
+def run(
+    config_file: Path = typer.Argument(..., help="run config YAML (e.g. configs/quickstart.yaml)"),
+    iterations: int | None = typer.Option(
+        None, "--iterations", "-n", help="default: the config's iterations"
+    ),
+    policy_url: str | None = typer.Option(
+        None,
+        "--policy-url",
+        help="use this running vLLM server (base served as model.served_name) instead of starting one",
+    ),
+) -> None:
+    """Run the set-up (SFT -> M1) and the iterations of a config on this machine, resumably.
+
+    Starts a vLLM policy server on the prepared base model, runs every stage in this process
+    (the same stage code the coordinator's workers run), and prints a summary. Running the
+    same command again resumes at the first unfinished stage. Outputs: <artifact_root>/runs/<name>/.
+    """
+    from selfreward.config import load_config
+    from selfreward.loop.embedded import run_embedded
+    from selfreward.progress import Progress
+
+    config = load_config(config_file)
+    console.print(
+        f"[bold]run[/] {config.name}: {config.variant}, M0 = {config.model.base}, "
+        f"{config.iterations if iterations is None else iterations} iteration(s) -> "
+        f"{config.artifact_root / 'runs' / config.name}"
+    )
+
+    def show(outcome) -> None:  # type: ignore[no-untyped-def]
+        mark = "[green]done[/]" if outcome.status == "ran" else "[dim]already done[/]"
+        console.print(f"  iter {outcome.t} {outcome.stage:<10} {mark} ({outcome.seconds:.0f} s)")
+
+    with RichProgressSink(transient=True) as sink:
+        result = run_embedded(
+            config, Progress(sink), iterations=iterations, policy_url=policy_url, on_stage=show
+        )
+    rows = [
+        (o.t, o.stage, o.status, f"{o.seconds:.1f}", _key_counts(o.stage, o.manifest))
+        for o in result.outcomes
+    ]
+    print_table("summary", ["iter", "stage", "status", "seconds", "result"], rows)
+    console.print(f"total {result.seconds / 60:.1f} min; artifacts in {result.run_dir}")
+    console.print(f"report: selfreward report {result.run_dir}")
