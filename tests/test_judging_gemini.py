@@ -33,6 +33,7 @@ def fake(gemini_server: FakeGemini, monkeypatch: pytest.MonkeyPatch) -> Iterator
     gemini_server.reply = lambda model, prompt, body: "Relevant and mostly complete.\nScore: 4"
     gemini_server.delay_s = 0.0
     yield gemini_server
+    gemini_server.wait_idle()
     gemini_server.reset()
 
 
@@ -89,6 +90,14 @@ def test_5xx_and_malformed_bodies_are_retried(fake: FakeGemini) -> None:
     fake.fail_next(500, times=1)
     [res] = asyncio.run(_score(fake, "q", ["a"], samples=1))
     assert res.score == 4.0 and fake.calls == 4
+
+
+def test_timeouts_are_retried(fake: FakeGemini) -> None:
+    fake.slow_next(2.0, times=1)
+    started = time.monotonic()
+    [res] = asyncio.run(_score(fake, "q", ["a"], samples=1, timeout_s=0.5))
+    assert res.score == 4.0 and fake.calls == 2
+    assert time.monotonic() - started < 1.8  # the slow answer was not waited for
 
 
 def test_exhausted_retries_are_failures_not_scores_and_not_cached(fake: FakeGemini) -> None:

@@ -18,6 +18,7 @@ Knobs (thread-safe; set them between or during requests):
   that error (429 with a Retry-After header and/or RetryInfo retryDelay, 500, 503, ...);
 - `malformed_next(times)`: the next requests get HTTP 200 with a body that is not JSON;
 - `block_next(times, reason)`: the prompt is blocked (no candidates, promptFeedback);
+- `slow_next(seconds, times)`: the next requests answer only after `seconds` (client timeouts);
 - `delay_s`: seconds each request takes (to observe concurrency);
 - `api_key`: when set, other keys get Google's 400 API_KEY_INVALID.
 Observations: `requests` (model, body, whether the key matched, arrival time), `max_in_flight`.
@@ -51,8 +52,9 @@ def default_reply(model: str, prompt: str, body: dict[str, Any]) -> str:
 
 @dataclass
 class _Scripted:
-    kind: str  # "error" | "malformed" | "block"
+    kind: str  # "error" | "malformed" | "block" | "slow"
     status: int = 200
+    delay_s: float = 0.0
     retry_after: str | None = None
     retry_delay: str | None = None
     reason: str = "SAFETY"
@@ -89,15 +91,29 @@ class FakeGemini:
         self, status: int, times: int = 1, retry_after: str | None = None, retry_delay: str | None = None
     ) -> None:
         with self._lock:
-            self._script += [_Scripted("error", status, retry_after, retry_delay) for _ in range(times)]
+            self._script += [
+                _Scripted("error", status, retry_after=retry_after, retry_delay=retry_delay)
+                for _ in range(times)
+            ]
 
     def malformed_next(self, times: int = 1) -> None:
         with self._lock:
             self._script += [_Scripted("malformed") for _ in range(times)]
 
+    def slow_next(self, seconds: float, times: int = 1) -> None:
+        """The next requests answer normally but only after `seconds` (to trigger client timeouts)."""
+        with self._lock:
+            self._script += [_Scripted("slow", delay_s=seconds) for _ in range(times)]
+
     def block_next(self, times: int = 1, reason: str = "SAFETY") -> None:
         with self._lock:
             self._script += [_Scripted("block", reason=reason) for _ in range(times)]
+
+    def wait_idle(self, timeout_s: float = 10.0) -> None:
+        """Wait until no request is being answered (e.g. one a client gave up on)."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def reset(self) -> None:
         with self._lock:
@@ -186,8 +202,8 @@ def _build_app(fake: FakeGemini) -> FastAPI:
             fake._in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)
         try:
-            if fake.delay_s:
-                await asyncio.sleep(fake.delay_s)
+            if fake.delay_s or (scripted is not None and scripted.kind == "slow"):
+                await asyncio.sleep(fake.delay_s + (scripted.delay_s if scripted is not None else 0.0))
             if method != "generateContent":
                 return JSONResponse(_error_body(404, "NOT_FOUND", f"Method {method} not found."), 404)
             if fake.api_key is not None and key != fake.api_key:
