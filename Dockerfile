@@ -77,9 +77,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1=2.0.16-1 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build-cpu /opt/venv /opt/venv
-ENV VLLM_CPU_KVCACHE_SPACE=2 \
-    VLLM_TARGET_DEVICE=cpu \
-    OMP_WAIT_POLICY=PASSIVE
+# OpenMP threads yield when idle (the policy and a trainer sharing cores; see docs/deployment.md)
+ENV OMP_WAIT_POLICY=PASSIVE
 USER 10001:10001
 EXPOSE 8000 8080 8100 9181
 CMD ["selfreward", "--help"]
