@@ -235,6 +235,10 @@ class ServicesConfig(StrictModel):
     redis_url: str = "redis://127.0.0.1:6379/0"
     request_timeout_s: float = Field(300.0, gt=0)
     concurrency: int = Field(16, ge=1, description="generation requests in flight")
+    stage_retry_intervals_s: list[int] = Field(
+        [10, 60, 300],
+        description="distributed mode: a failed stage job is retried after each of these delays (RQ Retry)",
+    )
 
 
 class EvalConfig(StrictModel):

@@ -21,6 +21,7 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
+from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
 from selfreward.loop import plan
 from selfreward.progress import Progress, rq_meta_sink
 from selfreward.services.coordinator.state import Conflict, IterationState, RunStore
@@ -28,7 +29,8 @@ from selfreward.storage import RunLayout
 
 STAGE_TIMEOUT_S = {"sft": 24 * 3600, "train": 24 * 3600, "prepare": 4 * 3600}
 DEFAULT_TIMEOUT_S = 6 * 3600
-RETRY_INTERVALS_S = [10, 60, 300]
+# errors a retry cannot fix: the stage fails at once (fix the cause, then resume the iteration)
+NOT_RETRIED = (ConfigError, InputError, EmptyResultError)
 
 
 def _job_id(run_id: str, t: int, stage_t: int, stage: str, attempt: int) -> str:
@@ -43,9 +45,7 @@ def chain_of(layout: RunLayout, t: int) -> list[tuple[int, str]]:
     return chain
 
 
-def enqueue_iteration(
-    conn: redis.Redis, store: RunStore, run_id: str, t: int, retry_intervals_s: list[int] | None = None
-) -> IterationState:
+def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -> IterationState:
     """Enqueue what is left of iteration t (idempotent: a live chain is not enqueued twice)."""
     config = store.config(run_id)
     layout = RunLayout(config.artifact_root, run_id)
@@ -59,7 +59,13 @@ def enqueue_iteration(
         if live:
             raise Conflict(f"iteration {t} of run {run_id!r} is already {previous.status}")
     attempt = (previous.attempt + 1) if previous else 0
-    intervals = RETRY_INTERVALS_S if retry_intervals_s is None else retry_intervals_s
+    if previous is not None:  # a resumed chain replaces the old one: its waiting jobs must not run
+        for old_id in previous.jobs.values():
+            with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
+                old = Job.fetch(old_id, connection=conn)
+                if old.get_status(refresh=True) in (JobStatus.DEFERRED, JobStatus.QUEUED, JobStatus.SCHEDULED):
+                    old.cancel()
+    intervals = config.services.stage_retry_intervals_s
     jobs: dict[str, str] = {}
     prev_job: Job | None = None
     chain = chain_of(layout, t)
@@ -150,8 +156,14 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
 
 
 def on_stage_failure(job: Job, connection: redis.Redis, exc_type: Any, exc: BaseException, tb: Any) -> None:
-    """Mark the iteration failed once the stage has no retries left (RQ calls this on every failure)."""
-    if job.should_retry and not isinstance(exc, KeyboardInterrupt):
+    """Mark the iteration failed once the stage has no retries left (RQ calls this on every failure).
+
+    Bad input and bad configuration are not retried: RQ reads `retries_left` after this callback.
+    """
+    cause = exc.__cause__ if isinstance(exc, StageError) and exc.__cause__ is not None else exc
+    if isinstance(cause, NOT_RETRIED):
+        job.retries_left = 0
+    if job.should_retry:
         return
     meta = job.meta
     message = f"{type(exc).__name__}: {exc}" if exc is not None else "failed"

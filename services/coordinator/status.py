@@ -50,24 +50,25 @@ def stage_states(
         job_id = _job_for(store, run_id, t, stage)
         if job_id:
             entry["job_id"] = job_id
-        if manifest is not None:
-            entry["state"] = "done"
-            entry["counts"] = {k: v for k, v in manifest.items() if k not in _BULKY}
-        elif job_id:
+        if job_id:
             try:
                 job = Job.fetch(job_id, connection=conn)
-                status = job.get_status(refresh=True)
-                entry["state"] = RQ_STATE.get(str(status), str(status))
+            except NoSuchJobError:
+                job = None
+            if job is not None:
+                status = str(job.get_status(refresh=True))
+                entry["state"] = RQ_STATE.get(status, status)
+                if job.retries_left is not None:
+                    entry["retries_left"] = job.retries_left
                 if "progress" in job.meta:
                     entry["progress"] = job.meta["progress"]
                 if entry["state"] == "failed":
                     result = job.latest_result()
                     if result is not None and result.exc_string:
                         entry["error"] = result.exc_string.strip().splitlines()[-1][:2000]
-                if job.retries_left is not None:
-                    entry["retries_left"] = job.retries_left
-            except NoSuchJobError:
-                entry["state"] = "pending"
+        if manifest is not None:
+            entry["state"] = "done"
+            entry["counts"] = {k: v for k, v in manifest.items() if k not in _BULKY}
         out.append(entry)
     return out
 
@@ -80,6 +81,10 @@ def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) ->
     if st is None and not any(s["state"] == "done" for s in stages) and t != 0:
         raise RunNotFound(f"iteration {t} of run {run_id!r} was never started")
     all_done = all(s["state"] == "done" for s in stages)
+    if st is not None and st.status in ("failed", "cancelled"):
+        for s in stages:  # jobs waiting on a failed or cancelled stage will not run
+            if s["state"] in ("queued", "waiting", "retrying"):
+                s["state"] = "blocked"
     status = "done" if all_done else (st.status if st else "pending")
     if t == 0 and not all_done and st is None:
         # the set-up runs inside iteration 1's chain: report it as that chain's state

@@ -1,0 +1,280 @@
+"""The distributed mode through its REST API: a real coordinator (uvicorn, subprocess), real RQ
+workers (subprocesses), a real Redis, the real policy service (vLLM on a tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from selfreward.storage import load_jsonl, read_manifest
+from selfreward.testing.servers import background, free_port, wait_http
+
+TOKEN = "s3cret"
+SELFREWARD = [sys.executable, "-m", "selfreward.cli.main"]
+QUEUES = ["--queue", "generate", "--queue", "judge", "--queue", "train", "--queue", "evaluate"]
+
+
+def run_body(name: str, model_dir: Path, policy_url: str, **over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": name,
+        "seed": 3,
+        "variant": "self-reward",
+        "model": {"base": str(model_dir), "served_name": "tiny", "max_model_len": 1024},
+        "data": {"source": "demo", "max_ift": 12, "max_eft_train": 8},
+        "prompts": {"num_prompts": 3, "max_tokens": 24, "min_words": 1, "max_words": 80, "max_rounds": 5},
+        "candidates": {"n": 3, "max_tokens": 24},
+        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16},
+        "lora": {"r": 8, "alpha": 16},
+        "sft": {
+            "learning_rate": 0.05,
+            "max_steps": 2,
+            "batch_size": 4,
+            "per_device_batch_size": 4,
+            "max_length": 768,
+        },
+        "dpo": {
+            "learning_rate": 0.05,
+            "max_steps": 2,
+            "batch_size": 2,
+            "per_device_batch_size": 2,
+            "max_length": 768,
+        },
+        "training": {
+            "device": "cpu",
+            "precision": "fp32",
+            "checkpoint_steps": 1,
+            "num_threads": 1,
+            "tracker": "none",
+        },
+        "services": {"policy_url": policy_url, "concurrency": 4, "stage_retry_intervals_s": [1, 1, 1]},
+        "eval": {"max_prompts": 3, "max_tokens": 24, "bootstrap_samples": 200},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            body.setdefault(key, {}).update(value)
+        else:
+            body[key] = value
+    return body
+
+
+class Cluster:
+    def __init__(self, root: Path, redis_url: str, stack: ExitStack) -> None:
+        self.root = root
+        self.redis_url = redis_url
+        self.stack = stack
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "SELFREWARD_API_TOKEN": TOKEN,
+            "SELFREWARD_ARTIFACT_ROOT": str(root / "artifacts"),
+            "OMP_NUM_THREADS": "1",
+        }
+        self.coordinator = None
+        self.workers: list[Any] = []
+
+    def start_coordinator(self) -> None:
+        cmd = [*SELFREWARD, "serve", "coordinator", "--host", "127.0.0.1", "--port", str(self.port)]
+        log = self.root / "coordinator.log"
+        self.coordinator = self.stack.enter_context(background(cmd, log, self.env))
+        wait_http(f"{self.url}/healthz", 60, self.coordinator, log)
+
+    def kill_coordinator(self) -> None:
+        assert self.coordinator is not None
+        os.killpg(self.coordinator.pid, signal.SIGKILL)
+        self.coordinator.wait()
+
+    def start_worker(self, n: int = 0) -> Any:
+        cmd = [
+            *SELFREWARD,
+            "worker",
+            "start",
+            *QUEUES,
+            "--redis-url",
+            self.redis_url,
+            "--name",
+            f"w{n}-{time.time_ns()}",
+        ]
+        proc = self.stack.enter_context(background(cmd, self.root / f"worker{n}.log", self.env))
+        self.workers.append(proc)
+        return proc
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def wait_iteration(
+        self, run: str, t: int, statuses: tuple[str, ...], timeout_s: float = 300
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                r = c.get(f"/runs/{run}/iterations/{t}")
+                if r.status_code == 200 and r.json()["status"] in statuses:
+                    return r.json()
+                time.sleep(1)
+        logs = "\n".join(
+            (self.root / f).read_text()[-3000:] for f in os.listdir(self.root) if f.endswith(".log")
+        )
+        raise AssertionError(
+            f"iteration {t} of {run} not {statuses} after {timeout_s} s; last: {r.text}\n{logs}"
+        )
+
+
+@contextmanager
+def cluster(tmp_path: Path, redis_url: str) -> Iterator[Cluster]:
+    with ExitStack() as stack:
+        c = Cluster(tmp_path, redis_url, stack)
+        c.start_coordinator()
+        yield c
+
+
+def horse_of(worker: Any, timeout_s: float = 30) -> psutil.Process:
+    """The work-horse process executing the worker's current job (RQ forks one per job)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process(worker.pid).children():
+            try:
+                if "Processing" in " ".join(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.05)
+    raise AssertionError("no work-horse found")
+
+
+def wait_records(path: Path, at_least: int, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file():
+            n = path.read_bytes().count(b"\n")
+            if n >= at_least:
+                return n
+        time.sleep(0.02)
+    raise AssertionError(f"{path}: fewer than {at_least} records after {timeout_s} s")
+
+
+@pytest.mark.timeout(900)
+def test_rest_session_iteration_restart_and_idempotent_start(
+    tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
+) -> None:
+    with cluster(tmp_path, redis_url) as c:
+        with c.client(token=None) as anon:
+            assert anon.get("/healthz").json()["status"] == "ok"
+            assert "/runs/{run_id}/iterations" in anon.get("/openapi.json").json()["paths"]
+            # mutating routes need the token
+            assert (
+                anon.post("/runs", json=run_body("r1", tiny_model_dir, policy_server.url)).status_code == 401
+            )
+        with c.client() as api:
+            bad = api.post("/runs", json={"name": "x", "dpo": {"beta": -1, "betta": 2}, "variant": "nope"})
+            assert bad.status_code == 422
+            fields = {d["field"] for d in bad.json()["detail"]}
+            assert {"dpo.beta", "dpo.betta", "variant"} <= fields
+            created = api.post("/runs", json=run_body("r1", tiny_model_dir, policy_server.url))
+            assert created.status_code == 201, created.text
+            # the deployment's SELFREWARD_* overrides apply to posted configs
+            assert created.json()["config"]["artifact_root"] == str(tmp_path / "artifacts")
+            assert (
+                api.post("/runs", json=run_body("r1", tiny_model_dir, policy_server.url)).status_code == 200
+            )
+            other = run_body("r1", tiny_model_dir, policy_server.url, seed=99)
+            assert api.post("/runs", json=other).status_code == 409
+            started = api.post("/runs/r1/iterations")
+            assert started.status_code == 202, started.text
+            assert started.json()["t"] == 1
+            assert api.post("/runs/r1/iterations").status_code == 409  # not twice
+            assert api.get("/runs/nope").status_code == 404
+        # workers on other "hosts": stage jobs are picked up from the queues
+        c.start_worker(1)
+        c.wait_iteration("r1", 0, ("done",), 300)
+        # the coordinator dies mid-iteration; a new one shows the same state and the work goes on
+        with c.client() as api:
+            before = api.get("/runs/r1").json()
+        c.kill_coordinator()
+        c.start_coordinator()
+        with c.client() as api:
+            after = api.get("/runs/r1").json()
+            assert after["iterations"][0] == before["iterations"][0] == {"t": 0, "status": "done"}
+        detail = c.wait_iteration("r1", 1, ("done", "failed"), 600)
+        assert detail["status"] == "done", detail
+        assert [s["state"] for s in detail["stages"]] == ["done"] * 7
+        assert detail["feedback"]["pairs"] >= 1 and "tie_rate" in detail["feedback"]
+        assert "head2head_win_rate" in json.dumps(detail["metrics"]) or detail["metrics"]
+        with c.client() as api:
+            summary = api.get("/runs/r1").json()
+            assert summary["completed_iterations"] == 1
+            assert [m["model"] for m in summary["models"]] == ["m0", "m1", "m2"]
+            assert any(r["run"] == "r1" for r in api.get("/runs").json())
+            metrics = api.get("/metrics").text
+            assert "selfreward_coordinator_requests_total" in metrics and "selfreward_queue_length" in metrics
+            assert api.post("/runs/r1/cancel").status_code == 200
+            assert api.post("/runs/r1/iterations").status_code == 409  # cancelled
+
+
+@pytest.mark.timeout(900)
+def test_failed_stage_resume_and_killed_workers_lose_nothing(
+    tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    body = run_body(
+        "r2",
+        tiny_model_dir,
+        policy_server.url,
+        prompts={"source": "file", "file": str(prompts), "num_prompts": 40},
+        candidates={"n": 3, "max_tokens": 48},
+        judge={"samples": 1, "mode": "logprob", "max_tokens": 16, "concurrency": 1},
+        services={"concurrency": 1},
+    )
+    run_dir = tmp_path / "artifacts" / "runs" / "r2"
+    with cluster(tmp_path, redis_url) as c:
+        with c.client() as api:
+            assert api.post("/runs", json=body).status_code == 201
+            assert api.post("/runs/r2/iterations").status_code == 202
+        worker = c.start_worker(1)
+        # the prompt file does not exist: bad input fails the stage at once (no retries)
+        failed = c.wait_iteration("r2", 1, ("failed",), 300)
+        assert failed["failed_stage"] == "prompts" and "prompts.jsonl" in failed["error"]
+        assert [s["state"] for s in failed["stages"]][:2] == ["failed", "blocked"]
+        # fix the cause, resume: it continues at the failed stage
+        prompts.write_text(
+            "".join(
+                json.dumps({"prompt": f"Write a sentence about topic number {i}."}) + "\n" for i in range(40)
+            )
+        )
+        with c.client() as api:
+            assert api.post("/runs/r2/iterations/1/resume").status_code == 202
+        candidates = run_dir / "iter-1" / "candidates.jsonl"
+        wait_records(candidates, 6)
+        horse_of(worker).kill()  # SIGKILL the process running the candidates stage
+        assert read_manifest(run_dir / "iter-1" / "candidates.manifest.json") is None
+        written = {r["id"]: r for r in load_jsonl(candidates)}
+        assert 0 < len(written) < 120
+        judgments = run_dir / "iter-1" / "judgments.jsonl"
+        wait_records(judgments, 6, 300)
+        horse_of(worker).kill()  # and the one running the judgments stage
+        assert read_manifest(run_dir / "iter-1" / "judgments.manifest.json") is None
+        judged_before = {r["id"]: r for r in load_jsonl(judgments)}
+        detail = c.wait_iteration("r2", 1, ("done", "failed"), 600)
+        assert detail["status"] == "done", detail
+        # retried, resumed, nothing lost or duplicated
+        cands = load_jsonl(candidates)
+        assert len(cands) == 120 and len({r["id"] for r in cands}) == 120
+        assert all({r["id"]: r for r in cands}[k] == v for k, v in written.items())
+        judged = load_jsonl(judgments)
+        assert len(judged) == 120 and len({r["id"] for r in judged}) == 120
+        assert all({r["id"]: r for r in judged}[k] == v for k, v in judged_before.items())
+        states = {s["stage"]: s for s in detail["stages"]}
+        assert states["candidates"]["retries_left"] < 3 and states["judgments"]["retries_left"] < 3

@@ -1,0 +1,174 @@
+"""End to end through the CLI (`selfreward run`): stage 0 + one iteration on a tiny model, for all
+three variants, against the real policy service (vLLM on loopback). Teachers: a second model
+behind the OpenAI-compatible protocol (the same vLLM serving a LoRA "teacher" adapter), and the
+Gemini fake speaking the real generateContent wire format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from selfreward.cli.main import app
+from selfreward.storage import load_jsonl, read_manifest
+
+
+def tiny_config(root: Path, name: str, model_dir: Path, policy_url: str, **over: Any) -> Path:
+    config: dict[str, Any] = {
+        "name": name,
+        "seed": 7,
+        "artifact_root": str(root),
+        "variant": "self-reward",
+        "iterations": 1,
+        "model": {"base": str(model_dir), "served_name": "tiny", "max_model_len": 1024},
+        "data": {"source": "demo", "max_ift": 12, "max_eft_train": 8},
+        "prompts": {"num_prompts": 3, "max_tokens": 24, "min_words": 1, "max_words": 80, "max_rounds": 5},
+        "candidates": {"n": 3, "max_tokens": 24},
+        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16},
+        "lora": {"r": 8, "alpha": 16},
+        "sft": {
+            "learning_rate": 0.05,
+            "max_steps": 2,
+            "batch_size": 4,
+            "per_device_batch_size": 4,
+            "max_length": 768,
+        },
+        "dpo": {
+            "learning_rate": 0.05,
+            "max_steps": 2,
+            "batch_size": 2,
+            "per_device_batch_size": 2,
+            "max_length": 768,
+        },
+        "training": {
+            "device": "cpu",
+            "precision": "fp32",
+            "checkpoint_steps": 1,
+            "num_threads": 1,
+            "tracker": "none",
+        },
+        "services": {"policy_url": policy_url, "concurrency": 8},
+        "eval": {"max_prompts": 3, "max_tokens": 24, "bootstrap_samples": 200},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    path = root / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(config: Path, policy_url: str) -> str:
+    result = CliRunner().invoke(app, ["run", str(config), "--policy-url", policy_url])
+    assert result.exit_code == 0, result.output + (repr(result.exception) if result.exception else "")
+    return result.output
+
+
+def check_run(root: Path, name: str, variant: str) -> dict[str, Any]:
+    run = root / "runs" / name
+    for t, stages in (
+        (0, ["prepare", "sft", "publish"]),
+        (1, ["prompts", "candidates", "judgments", "pairs", "train", "publish", "evaluate"]),
+    ):
+        for s in stages:
+            assert read_manifest(run / f"iter-{t}" / f"{s}.manifest.json") is not None, (t, s)
+    pairs = load_jsonl(run / "iter-1" / "pairs.jsonl")
+    assert pairs
+    for p in pairs:  # TRL's conversational preference format plus scores
+        assert p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
+        assert p["rejected"][0]["role"] == "assistant" and p["chosen"] != p["rejected"]
+    for m in ("m1", "m2"):
+        manifest = json.loads((run / "models" / m / "manifest.json").read_text())
+        assert manifest["adapter_sha256"] and manifest["fingerprint"]
+    m2 = json.loads((run / "models" / "m2" / "manifest.json").read_text())
+    assert m2["parent"]["name"] == "m1"
+    report = json.loads((run / "eval" / "iter-1" / "report.json").read_text())
+    assert report["model"].startswith("m2-") and report["baseline"].startswith("m1-")
+    assert report["head2head"]["n"] == 3
+    return {"pairs": pairs, "report": report, "run": run}
+
+
+@pytest.mark.timeout(600)
+def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: Path, policy_server) -> None:
+    config = tiny_config(tmp_path / "a", "self", tiny_model_dir, policy_server.url)
+    output = run_cli(config, policy_server.url)
+    assert "summary" in output
+    out = check_run(tmp_path / "a", "self", "self-reward")
+    for p in out["pairs"]:
+        assert p["chosen_score"] > p["rejected_score"]
+    judgments = load_jsonl(out["run"] / "iter-1" / "judgments.jsonl")
+    assert len(judgments) == 9 and all(j["judge"].startswith("policy:m1-") for j in judgments)
+    # a second invocation finds every stage done and runs nothing
+    again = run_cli(config, policy_server.url)
+    assert again.count("already done") == 10
+
+
+@pytest.mark.timeout(600)
+def test_teacher_reward_with_openai_compatible_teacher(
+    tmp_path: Path, tiny_model_dir: Path, tiny_lora_dir: Path, policy_server
+) -> None:
+    import asyncio
+
+    from selfreward.clients.openai_compat import OpenAICompatClient
+
+    async def load() -> None:
+        async with OpenAICompatClient(policy_server.url) as client:
+            if "teacher" not in await client.model_names():
+                await client.load_adapter("teacher", str(tiny_lora_dir))
+
+    asyncio.run(load())
+    teacher = f"openai:{policy_server.url}/v1#teacher"
+    config = tiny_config(
+        tmp_path / "b",
+        "treward",
+        tiny_model_dir,
+        policy_server.url,
+        variant="teacher-reward",
+        teacher={"backend": teacher},
+    )
+    run_cli(config, policy_server.url)
+    out = check_run(tmp_path / "b", "treward", "teacher-reward")
+    judgments = load_jsonl(out["run"] / "iter-1" / "judgments.jsonl")
+    assert {j["judge"] for j in judgments} == {teacher}
+
+
+TEACHER_ANSWER = "A careful, complete answer written by the teacher."
+
+
+def gemini_reply(model: str, prompt: str, body: dict[str, Any]) -> str:
+    if "Best Model Identifier" in prompt:  # the pairwise evaluation prompt
+        return "m"
+    if "Score: <total points>" in prompt:  # the additive judge prompt
+        return "Relevant and helpful.\nScore: 4"
+    return TEACHER_ANSWER
+
+
+@pytest.mark.timeout(600)
+def test_teacher_demo_with_gemini_fake(
+    tmp_path: Path, tiny_model_dir: Path, policy_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfreward.testing.fake_gemini import fake_gemini
+
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    with fake_gemini(api_key="test-key", reply=gemini_reply) as gemini:
+        config = tiny_config(
+            tmp_path / "c",
+            "tdemo",
+            tiny_model_dir,
+            policy_server.url,
+            variant="teacher-demo",
+            teacher={"backend": "gemini:gemini-pro", "gemini_base_url": gemini.base_url},
+            eval={"judge": "gemini:gemini-pro"},
+        )
+        run_cli(config, policy_server.url)
+        assert all(r.key_ok for r in gemini.requests)
+    out = check_run(tmp_path / "c", "tdemo", "teacher-demo")
+    assert all(p["chosen"][0]["content"] == TEACHER_ANSWER for p in out["pairs"])
+    assert read_manifest(out["run"] / "iter-1" / "judgments.manifest.json")["skipped"]
