@@ -9,7 +9,8 @@ Records: every (prompt, ranked reply) of the project's demo OASST trees, so agre
 the human ranks is measured too (Spearman per prompt, averaged). The judge is SmolLM2-135M-
 Instruct served by vLLM on CPU (the embedded default's model); pass --policy-url to use a
 server that is already running, else one is started here from the prepared model folder
-(--model-dir, or the model.base of the quickstart config prepared under the artifact root).
+(--model-dir, else SmolLM2 prepared under the artifact root's cache) by the policy service's
+launcher.
 Run it under the heavy-work lock:
 
     flock /tmp/selfreward-heavy.lock .venv/bin/python bench/judge_modes.py
@@ -25,10 +26,9 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from statistics import mean
@@ -39,9 +39,9 @@ from scipy.stats import pearsonr, spearmanr
 import selfreward
 from selfreward.config import JudgeConfig
 from selfreward.judging import ScoreResult, make_judge
-from selfreward.testing.servers import free_port
 
 DEMO_TREES = Path(selfreward.__file__).parent / "data" / "demo" / "trees.jsonl"
+LOG_DIR = Path(os.environ.get("SELFREWARD_ARTIFACT_ROOT", "artifacts")) / "logs" / "bench"
 
 
 def demo_records(limit: int) -> list[tuple[str, str, str, int]]:
@@ -57,53 +57,16 @@ def demo_records(limit: int) -> list[tuple[str, str, str, int]]:
 
 
 @contextmanager
-def vllm_server(model_dir: Path, served: str, max_model_len: int):
-    """vLLM's OpenAI server on the prepared folder (the policy service's entry point)."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "selfreward.services.policy.vllm_main",
-        "serve",
-        str(model_dir),
-        "--port",
-        str(port),
-        "--served-model-name",
-        served,
-        "--enforce-eager",
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        str(max_model_len),
-        "--max-logprobs",
-        "20",
-    ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
+def policy_server(model_dir: Path, served: str, max_model_len: int) -> Iterator[str]:
+    """The policy service (vLLM's OpenAI server through `selfreward.services.policy`) on a free port."""
+    from selfreward.config import PolicyServerConfig
+    from selfreward.services.policy.launcher import PolicyServer
 
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"vLLM exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            raise SystemExit("vLLM did not become healthy in 600 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    policy = PolicyServerConfig(port=0, max_logprobs=20)
+    with PolicyServer(
+        model_dir, served_name=served, policy=policy, max_model_len=max_model_len, log_dir=LOG_DIR
+    ) as server:
+        yield server.url
 
 
 async def run_mode(
@@ -158,7 +121,7 @@ def main() -> None:
 
             root = Path(os.environ.get("SELFREWARD_ARTIFACT_ROOT", "artifacts"))
             model_dir = prepare_model("smollm2-135m-instruct", root / "cache")
-        url_ctx = vllm_server(model_dir, args.model, args.max_model_len)
+        url_ctx = policy_server(model_dir, args.model, args.max_model_len)
 
     with url_ctx as url:
         sample, t_sample = asyncio.run(
