@@ -176,19 +176,25 @@ def score_eft_cmd(
     cfg = _config(config)
     records = seeded_subset(read_records(eft, EFTEvalRecord), max_prompts, cfg.seed)
 
-    async def go() -> None:
+    async def go() -> Any:
         j = _judge(cfg, judge, policy_url, None, redis_url)
         try:
             with RichProgressSink() as sink:
-                await score_eft(
+                return await score_eft(
                     j, records, judge_name=j.name, out_path=out, samples=samples, progress=Progress(sink)
                 )
         finally:
             await j.aclose()
 
-    run_sync(go())
+    scored = run_sync(go())
+    if scored.retry_later:
+        console.print(
+            f"{len(scored.retry_later)} record(s) hit transient judge failures and were not written "
+            f"(e.g. {scored.retry_later[0]}); run the command again to score them",
+            highlight=False,
+        )
     console.print(
-        f"wrote {out} ({len(records)} records); next: selfreward eval reward-model --scores {out} "
+        f"wrote {out} ({scored.written} records); next: selfreward eval reward-model --scores {out} "
         f"--human {eft}",
         highlight=False,
     )

@@ -138,7 +138,7 @@ async def evaluate_iteration(
         eft_path = layout.seed_dir / "eft_eval.jsonl"
         records = seeded_subset(read_records(eft_path, EFTEvalRecord), config.eval.max_prompts, config.seed)
         name = rm_judge_name or getattr(rm_judge, "name", None) or f"policy:{new_model}"
-        scores_path = await score_eft(
+        scored = await score_eft(
             rm_judge,
             records,
             judge_name=name,
@@ -146,9 +146,9 @@ async def evaluate_iteration(
             progress=progress,
         )
         report = compare_with_human(
-            read_scores(scores_path), records, scores_path=str(scores_path), reference_path=str(eft_path)
+            read_scores(scored.path), records, scores_path=str(scored.path), reference_path=str(eft_path)
         )
-        data["reward_model"] = {"judge": name, **report.to_json()}
+        data["reward_model"] = {"judge": name, **report.to_json(), "retry_later": scored.retry_later}
         plots["rm_scores.png"] = reward_model_plot(report)
     data["metrics"] = summary_metrics(data)
     previous = [r for r in iteration_reports(layout) if r.get("iteration") != t]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from selfreward.errors import ServiceError
 from selfreward.evaluation.pairwise import is_transient
 from selfreward.metrics.reward_model import (
     RewardModelReport,
@@ -32,6 +34,13 @@ from selfreward.schemas import EFTEvalRecord, read_records
 from selfreward.storage import ResumableJsonl
 
 
+@dataclass
+class ScoredEft:
+    path: Path
+    written: int  # records in the scores file
+    retry_later: list[str]  # "<record id>: <failure>" of records left for a re-run (transient failures)
+
+
 class ScoreJudge(Protocol):
     async def score(
         self, instruction: str, responses: list[str], samples: int | None = None
@@ -46,12 +55,16 @@ async def score_eft(
     out_path: Path,
     samples: int | None = None,
     progress: Progress = NULL_PROGRESS,
-) -> Path:
-    """Score every reply of every EFT-eval record with `judge`; returns `out_path` (scores JSONL)."""
+) -> ScoredEft:
+    """Score every reply of every EFT-eval record with `judge` into `out_path` (scores JSONL).
+
+    Raises ServiceError when no record at all could be scored (every one hit transient
+    failures), naming the first failure.
+    """
     with ResumableJsonl(out_path, key=lambda r: str(r["prompt_id"])) as store:
         todo = [r for r in records if r.id not in store]
         task = progress.task(f"scoring EFT eval ({judge_name})", len(records), done=len(records) - len(todo))
-        retry_later = [0]
+        retry_later: list[str] = []
 
         async def one(rec: EFTEvalRecord) -> None:
             results = await judge.score(rec.prompt, [r.text for r in rec.replies], samples=samples)
@@ -70,14 +83,21 @@ async def score_eft(
                 res.score is None and all(is_transient(v.failure) for v in res.verdicts) for res in results
             )
             if transient:
-                retry_later[0] += 1
+                failure = next(v.failure for res in results for v in res.verdicts if v.failure)
+                retry_later.append(f"{rec.id}: {failure}")
             else:
                 store.append(scores_record(rec.id, rec.prompt, responses, judge=judge_name))
-            task.advance(1, retry_later=retry_later[0])
+            task.advance(1, retry_later=len(retry_later))
 
         await asyncio.gather(*(one(r) for r in todo))
         task.close()
-    return out_path
+        written = len(store)
+    if written == 0 and retry_later:
+        raise ServiceError(
+            f"judge {judge_name}: no EFT-eval record could be scored ({len(retry_later)} with transient "
+            f"failures, e.g. {retry_later[0]})"
+        )
+    return ScoredEft(out_path, written, retry_later)
 
 
 def reward_model_eval(
