@@ -86,9 +86,5 @@ async def run_head2head(
 
 def head2head_report(out_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
     """Write report.json, report.md and win_tie_loss.png for one head-to-head."""
-    md = "# Head-to-head evaluation\n\n" + head2head_markdown(data)
-    md += "\n" + "\n".join(
-        f"- mean answer length of `{k}`: {v:.0f} characters" for k, v in data["mean_answer_chars"].items()
-    )
-    md += "\n\n![win/tie/loss](win_tie_loss.png)\n"
+    md = "# Head-to-head evaluation\n\n" + head2head_markdown(data) + "\n![win/tie/loss](win_tie_loss.png)\n"
     return write_report(out_dir, data, md, {"win_tie_loss.png": win_tie_loss_bars([data])})

@@ -122,6 +122,11 @@ def head2head_markdown(data: Mapping[str, Any], heading: str = "## Head-to-head"
         f"- judging failed on {data['failures']} prompt(s) (excluded); intervals: percentile bootstrap, "
         f"{data['bootstrap_samples']} resamples, seed {data['seed']}",
     ]
+    lengths = data.get("mean_answer_chars") or {}
+    if lengths:
+        parts.append(
+            "- mean answer length: " + ", ".join(f"`{k}` {v:.0f} characters" for k, v in lengths.items())
+        )
     return "\n".join(parts) + "\n"
 
 
