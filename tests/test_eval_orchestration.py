@@ -426,3 +426,47 @@ def test_score_eft_command_line(fake: FakeGemini, tmp_path: Path) -> None:
     assert len(load_jsonl(out)) == 2 and fake.calls == 2 * 2 * 2  # 2 records x 2 replies x K=2
     result = CliRunner().invoke(app, ["eval", "reward-model", "--scores", str(out), "--human", str(eft)])
     assert result.exit_code == 0 and "pairwise accuracy" in result.output
+
+
+def test_alpaca_command_with_instruction_difficulty(fake: FakeGemini, tmp_path: Path) -> None:
+    outputs = ["short", "a longer one", "mid", "the longest answer here", "x"]
+    reference = tmp_path / "ref.json"
+    reference.write_text(
+        json.dumps([{"instruction": f"q{i}", "output": "ref out", "generator": "gpt4"} for i in range(5)])
+    )
+    model = write_jsonl(
+        tmp_path / "m.jsonl", [{"instruction": f"q{i}", "output": o} for i, o in enumerate(outputs)]
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(f"teacher:\n  gemini_base_url: {fake.base_url}\njudge:\n  samples: 1\n")
+    csv = tmp_path / "instruction_difficulty.csv"
+    csv.write_text(
+        ",instruction_difficulty\n" + "".join(f"{i},{d}\n" for i, d in enumerate([0.1, -0.4, 0.3, 1.2, -1.0]))
+    )
+    args = [
+        "eval",
+        "alpaca",
+        "--model",
+        str(model),
+        "--reference",
+        str(reference),
+        "--judge",
+        "gemini:g",
+        "--config",
+        str(config),
+        "--out-dir",
+        str(tmp_path / "o"),
+        "--difficulty",
+        str(csv),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert data["win_rate"]["win_rate"] == pytest.approx(2 / 5)  # longer than "ref out" (7 chars): 2 of 5
+    lc = data["length_controlled"]
+    assert lc["uses_difficulty"] and set(lc["coefficients"]) == {"theta", "phi", "psi"}
+    csv.write_text(",instruction_difficulty\n0,0.1\n1,0.2\n")
+    result = CliRunner().invoke(
+        app, [*args[:-4], "--out-dir", str(tmp_path / "o2"), "--difficulty", str(csv)]
+    )
+    assert result.exit_code == 2 and "difficulties lack 3 of the 5 judged instructions" in result.output

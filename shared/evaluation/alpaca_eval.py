@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.clients.openai_compat import OpenAICompatClient
-from selfreward.errors import EmptyResultError
+from selfreward.errors import EmptyResultError, InputError
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, collect_answers, safe_name
 from selfreward.evaluation.pairwise import PairItem, PairJudge, judge_pairs
 from selfreward.evaluation.prompt_sets import EvalPrompt, seeded_subset
@@ -54,6 +54,16 @@ async def model_outputs(
         side, prompts, client=client, store_dir=work_dir, settings=settings, progress=progress
     )
     return [AlpacaOutput(p.instruction, answers[p.id], side.name, p.dataset) for p in prompts]
+
+
+def _difficulties(difficulty: dict[str, float], instructions: Sequence[str]) -> list[float]:
+    missing = [i for i in instructions if i not in difficulty]
+    if missing:
+        raise InputError(
+            f"the instruction difficulties lack {len(missing)} of the {len(instructions)} judged instructions "
+            f"(first: {missing[0][:80]!r})"
+        )
+    return [difficulty[i] for i in instructions]
 
 
 def reference_prompts(
@@ -100,9 +110,8 @@ async def run_alpaca(
     aligned = align_outputs(outputs, [r for r in reference if r.instruction in wanted])
     if not aligned.pairs:
         raise EmptyResultError(f"{reference_path}: no instruction in common with the model outputs")
-    items = [
-        PairItem(f"alpaca-{i}", m.instruction, m.output, r.output) for i, (m, r) in enumerate(aligned.pairs)
-    ]
+    prompt_ids = {p.instruction: p.id for p in prompts}
+    items = [PairItem(prompt_ids[m.instruction], m.instruction, m.output, r.output) for m, r in aligned.pairs]
     name = judge_name or "judge"
     verdicts = await judge_pairs(
         judge,
@@ -128,7 +137,9 @@ async def run_alpaca(
             [p for _, p in judged],
             [len(it.output_a) for it, _ in judged],
             [len(it.output_b) for it, _ in judged],
-            difficulty=[difficulty.get(it.instruction, 0.0) for it, _ in judged] if difficulty else None,
+            difficulty=_difficulties(difficulty, [it.instruction for it, _ in judged])
+            if difficulty
+            else None,
         ).to_json()
     data.update(
         reference=str(reference_path),
