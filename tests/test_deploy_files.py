@@ -475,7 +475,9 @@ def test_compose_topology_ports_gpus_health_and_start_order() -> None:
         return s.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
     assert {n for n, s in gpu.items() if gpus(s)} == {"policy", "trainer"}
-    assert gpus(gpu["policy"]) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert gpus(gpu["policy"]) == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
+    two = compose_config([COMPOSE], filled_env(TRAINER_GPU="1"))["services"]
+    assert gpus(two["trainer"])[0]["device_ids"] == ["1"]
     assert not any(gpus(s) for s in cpu.values()), "compose.cpu.yaml leaves a GPU reservation"
     assert gpu["policy"]["image"].startswith("vllm/vllm-openai:v")
     assert gpu["policy"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
