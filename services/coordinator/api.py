@@ -204,8 +204,10 @@ def create_app(
         st = store.iteration(run_id, t)
         if st is None:
             raise HTTPException(404, f"iteration {t} of run {run_id!r} was never started")
-        if st.status == "done":
+        if plan.iteration_done(layout_of(run_id)[1], t):
             raise Conflict(f"iteration {t} of run {run_id!r} is done")
+        if run_status.chain_status(store, conn, run_id, t)[0] in ("queued", "running"):
+            raise Conflict(f"iteration {t} of run {run_id!r} is still running")
         store.set_cancelled(run_id, False)
         with store.lock(run_id):
             state = enqueue_iteration(conn, store, run_id, t)

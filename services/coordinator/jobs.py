@@ -24,7 +24,7 @@ from rq.job import Job, JobStatus
 from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
 from selfreward.loop import plan
 from selfreward.progress import Progress, rq_meta_sink
-from selfreward.services.coordinator.state import Conflict, IterationState, RunStore
+from selfreward.services.coordinator.state import IterationState, RunStore
 from selfreward.storage import RunLayout
 
 STAGE_TIMEOUT_S = {"sft": 24 * 3600, "train": 24 * 3600, "prepare": 4 * 3600}
@@ -50,20 +50,16 @@ def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -
     config = store.config(run_id)
     layout = RunLayout(config.artifact_root, run_id)
     previous = store.iteration(run_id, t)
-    if previous is not None and previous.status in ("queued", "running"):
-        live = [
-            jid
-            for jid in previous.jobs.values()
-            if _job_status(conn, jid) not in (None, "failed", "canceled", "stopped")
-        ]
-        if live:
-            raise Conflict(f"iteration {t} of run {run_id!r} is already {previous.status}")
     attempt = (previous.attempt + 1) if previous else 0
     if previous is not None:  # a resumed chain replaces the old one: its waiting jobs must not run
         for old_id in previous.jobs.values():
             with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
                 old = Job.fetch(old_id, connection=conn)
-                if old.get_status(refresh=True) in (JobStatus.DEFERRED, JobStatus.QUEUED, JobStatus.SCHEDULED):
+                if old.get_status(refresh=True) in (
+                    JobStatus.DEFERRED,
+                    JobStatus.QUEUED,
+                    JobStatus.SCHEDULED,
+                ):
                     old.cancel()
     intervals = config.services.stage_retry_intervals_s
     jobs: dict[str, str] = {}

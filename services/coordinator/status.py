@@ -73,6 +73,31 @@ def stage_states(
     return out
 
 
+def chain_status(
+    store: RunStore, conn: redis.Redis, run_id: str, t: int
+) -> tuple[str, str | None, str | None]:
+    """(status, failed stage, error) of iteration t's job chain, from the stored state and RQ.
+
+    A stage job that RQ failed for good (no retries left) fails the iteration even where the
+    failure callback could not run (a work-horse killed on its last attempt).
+    """
+    st = store.iteration(run_id, t)
+    if st is None:
+        return "pending", None, None
+    if st.status in ("done", "cancelled", "failed"):
+        return st.status, st.failed_stage, st.error
+    for key, job_id in st.jobs.items():
+        try:
+            job = Job.fetch(job_id, connection=conn)
+        except NoSuchJobError:
+            continue
+        if job.get_status(refresh=True) == "failed":
+            result = job.latest_result()
+            error = result.exc_string.strip().splitlines()[-1] if result and result.exc_string else "failed"
+            return "failed", key.split(":", 1)[1], error
+    return st.status, None, None
+
+
 def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) -> dict[str, Any]:
     config = store.config(run_id)
     layout = RunLayout(config.artifact_root, run_id)
@@ -81,15 +106,14 @@ def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) ->
     if st is None and not any(s["state"] == "done" for s in stages) and t != 0:
         raise RunNotFound(f"iteration {t} of run {run_id!r} was never started")
     all_done = all(s["state"] == "done" for s in stages)
-    if st is not None and st.status in ("failed", "cancelled"):
+    # the set-up (t = 0) runs at the head of iteration 1's chain
+    status, failed_stage, error = chain_status(store, conn, run_id, t if (t > 0 or st is not None) else 1)
+    if all_done:
+        status = "done"
+    if status in ("failed", "cancelled"):
         for s in stages:  # jobs waiting on a failed or cancelled stage will not run
             if s["state"] in ("queued", "waiting", "retrying"):
                 s["state"] = "blocked"
-    status = "done" if all_done else (st.status if st else "pending")
-    if t == 0 and not all_done and st is None:
-        # the set-up runs inside iteration 1's chain: report it as that chain's state
-        chain = store.iteration(run_id, 1)
-        status = chain.status if chain else "pending"
     detail: dict[str, Any] = {
         "run": run_id,
         "t": t,
@@ -98,10 +122,10 @@ def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) ->
         "model_out": plan.model_name(t + 1),
         "stages": stages,
     }
+    if status == "failed":
+        detail.update(error=error, failed_stage=failed_stage)
     if st is not None:
         detail.update(
-            error=st.error,
-            failed_stage=st.failed_stage,
             started_at=st.started_at,
             finished_at=st.finished_at,
             attempt=st.attempt,
@@ -123,9 +147,8 @@ def run_summary(store: RunStore, conn: redis.Redis, run_id: str, brief: bool = F
     layout = RunLayout(config.artifact_root, run_id)
     iterations = []
     for t in sorted(set(store.iterations(run_id)) | {0}):
-        st = store.iteration(run_id, t)
         done = plan.iteration_done(layout, t)
-        status = "done" if done else (st.status if st else "pending")
+        status = "done" if done else chain_status(store, conn, run_id, t if t > 0 else 1)[0]
         iterations.append({"t": t, "status": status})
     summary: dict[str, Any] = {
         "run": run_id,
