@@ -180,3 +180,36 @@ def test_cache_and_unknown_model(
     assert first == 2 and second == 0 and [r.cached for r in results] == [2, 2]
     with pytest.raises(ConfigError, match="serves"):
         run(policy, lambda j: j.score(INSTRUCTION, ANSWERS, 1), spec="policy:no-such-adapter")
+
+
+def test_a_served_lora_adapter_judges_by_name(
+    policy: tuple[str, str, dict[str, str]], tiny_lora_dir: Path
+) -> None:
+    """Self-reward with M(t) = an adapter: policy:self resolves to the adapter's served name."""
+    import uuid
+
+    from selfreward.clients.openai_compat import OpenAICompatClient
+
+    url, _, templates = policy
+    name = f"judge-lora-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> Any:
+        async with OpenAICompatClient(url) as client:
+            await client.load_adapter(name, str(tiny_lora_dir))
+            try:
+                judge = make_judge(
+                    "policy:self",
+                    JudgeConfig(max_tokens=16, **templates),
+                    policy_url=url,
+                    self_model=name,
+                )
+                try:
+                    return await judge.score(INSTRUCTION, ANSWERS[:1], 2)
+                finally:
+                    await judge.aclose()
+            finally:
+                await client.unload_adapter(name)
+
+    [res] = asyncio.run(go())
+    assert res.judge == f"policy:{name}" and res.failures == 0 and len(res.verdicts) == 2
+    assert all(v.model_extra["constrained"] for v in res.verdicts)
