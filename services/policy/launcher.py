@@ -144,6 +144,18 @@ def vllm_env(policy: PolicyServerConfig, base: Mapping[str, str] | None = None) 
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, so a
+    killed owner never leaves an orphaned server holding the port and gigabytes of memory."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def port_in_use(host: str, port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -176,6 +188,8 @@ class PolicyServer:
 
     Attributes once started: `url` (http://host:port, no /v1), `model` (the served name),
     `model_dir`, `port`, `log_path`, `process`. `policy.port == 0` picks a free port.
+    On Linux the server gets SIGTERM when the thread that started it exits (PR_SET_PDEATHSIG):
+    start it from a thread that lives as long as it should (normally the main thread).
     """
 
     def __init__(
@@ -262,6 +276,7 @@ class PolicyServer:
                 stderr=subprocess.STDOUT,
                 env=vllm_env(self.policy, self.base_env),
                 start_new_session=True,  # its own process group: stop() reaches every worker
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
 
     def wait_ready(self, timeout_s: float | None = None) -> None:

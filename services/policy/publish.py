@@ -62,35 +62,33 @@ async def served_fingerprint(
 ) -> dict[str, Any]:
     """The same probes as `expected`, answered by the server for `model` (token ids, no sampling).
 
-    One /v1/completions request per probe: the probe's token ids as the prompt, `prompt_logprobs`
-    for the positions inside it and `logprobs` for the next token, top-`top_k` each (default:
-    twice the fingerprint's k, at most 20).
+    One /v1/completions request per probe, batching one prompt per fingerprinted position: the
+    probe's token ids up to that position, 1 new token, the top-`top_k` logprobs of that token
+    (default: twice the fingerprint's k, at most 20). Not `prompt_logprobs`: with a LoRA adapter
+    that crashes vLLM's engine (0.32, CPU; vllm-project/vllm#29955, #16668).
     """
     k = top_k or min(2 * int(expected["top_k"]), MAX_SERVED_TOP_K)
 
     async def probe(p: Mapping[str, Any]) -> dict[str, Any]:
-        ids = list(p["input_ids"])
+        ids = [int(t) for t in p["input_ids"]]
+        positions = [int(row["pos"]) for row in p["positions"]]
         gen = await client.complete(
             model,
-            ids,
+            [ids[:pos] for pos in positions],  # a batch of token-id prompts
             max_tokens=1,
             temperature=0.0,
             logprobs=k,
-            prompt_logprobs=k,
             return_tokens_as_token_ids=True,
         )
-        choice = gen.choices[0]
-        if choice.prompt_logprobs is None or choice.top_logprobs is None:
-            raise ServiceError(f"{client.base_url}: the server returned no logprobs for model {model!r}")
+        if len(gen.choices) != len(positions):
+            raise ServiceError(f"{client.base_url}: {len(gen.choices)} answers to {len(positions)} prompts")
         rows = []
-        for row in p["positions"]:
-            pos = int(row["pos"])
-            if pos < len(ids):
-                dist = choice.prompt_logprobs[pos] or {}
-            else:
-                dist = {token_id(t): v for t, v in choice.top_logprobs[0].items()}
-            best = sorted(dist.items(), key=lambda kv: -kv[1])[:k]  # drop the prompt token beyond top-k
-            rows.append({"pos": pos, "top": [[int(t), float(v)] for t, v in best]})
+        for pos, choice in zip(positions, gen.choices, strict=True):
+            if not choice.top_logprobs:
+                raise ServiceError(f"{client.base_url}: the server returned no logprobs for model {model!r}")
+            dist = {token_id(t): v for t, v in choice.top_logprobs[0].items()}
+            best = sorted(dist.items(), key=lambda kv: -kv[1])[:k]  # drop a sampled token beyond top-k
+            rows.append({"pos": pos, "top": [[t, float(v)] for t, v in best]})
         return {"input_ids": ids, "positions": rows}
 
     probes = await asyncio.gather(*(probe(p) for p in expected["probes"]))

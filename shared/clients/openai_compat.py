@@ -342,7 +342,7 @@ class OpenAICompatClient:
     async def complete(
         self,
         model: str,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[str] | list[list[int]],
         *,
         n: int = 1,
         temperature: float | None = None,
@@ -356,7 +356,11 @@ class OpenAICompatClient:
         return_tokens_as_token_ids: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> Generation:
-        """One completion request: `prompt` is text or token ids (sent as they are, no BOS added)."""
+        """One completion request: `prompt` is text or token ids (sent as they are, no BOS added),
+        or a batch of either: choice i*n + j answers prompt i.
+
+        `prompt_logprobs` with a LoRA adapter as `model` crashes vLLM 0.32's engine on CPU
+        (vllm-project/vllm#29955): ask logprobs of generated tokens instead."""
         body: dict[str, Any] = {"model": model, "prompt": prompt}
         body.update(self._sampling(n, temperature, top_p, max_tokens, seed, stop, structured, extra))
         if logprobs is not None:
