@@ -236,8 +236,11 @@ def test_trl_arguments_on_cpu(tmp_path: Path, cfg) -> None:
             "training": cfg.training.model_copy(update={"tracker": "wandb", "checkpoint_steps": 7}),
         }
     )
+    from selfreward.services.trainer.arguments import cpu_has_native_bf16
+
     args = dpo_arguments(dpo_request(c, pairs=pairs, name="m1"))
-    assert (args.bf16, args.fp16, args.use_cpu, args.gradient_checkpointing) == (False, False, True, False)
+    native = cpu_has_native_bf16()
+    assert (args.bf16, args.fp16, args.use_cpu, args.gradient_checkpointing) == (native, False, True, False)
     assert args.gradient_accumulation_steps == 4 and args.per_device_train_batch_size == 4
     assert args.beta == 0.2 and args.loss_type == ["sigmoid"] and args.learning_rate == cfg.dpo.learning_rate
     assert args.save_steps == 7 and args.report_to == ["wandb"] and args.seed == cfg.seed
@@ -266,13 +269,22 @@ def test_batch_size_must_divide(tmp_path: Path, cfg) -> None:
         dpo_arguments(dpo_request(c, pairs=pairs, name="m1"))
 
 
-def test_fp16_on_cpu_is_refused(tmp_path: Path, cfg) -> None:
-    from selfreward.services.trainer.arguments import resolve_precision
+def test_precision_on_cpu(cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: bf16 autocast on CPUs with native bf16, fp32 elsewhere; fp16 needs a GPU."""
+    import torch
+
+    from selfreward.services.trainer import arguments
 
     training = cfg.training.model_copy(update={"precision": "fp16"})
     with pytest.raises(ConfigError, match="fp16 mixed precision needs a GPU"):
-        resolve_precision(training, "cpu")
-    assert resolve_precision(cfg.training, "cpu") == "fp32"
+        arguments.resolve_precision(training, "cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(arguments, "cpu_has_native_bf16", lambda native=native: native)
+        assert arguments.resolve_precision(cfg.training, "cpu") == expected
+    monkeypatch.undo()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if hasattr(torch.cpu, "_is_avx512_bf16_supported") and flags:
+        assert arguments.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 # ------------------------------------------------------------------ accelerate configs

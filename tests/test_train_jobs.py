@@ -154,7 +154,9 @@ def batch_logps(model: Any, batch: dict[str, Any]):
     import torch
 
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        )
     labels = batch["input_ids"][:, 1:]
     logp = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
     return (logp * batch["completion_mask"][:, 1:]).sum(-1)
@@ -226,7 +228,8 @@ def test_dpo_reference_is_the_parent_not_m0(trained: dict[str, Any], tiny_model_
     batch = next(iter(trainer.get_train_dataloader()))
     m0 = load(tiny_model_dir)
     m1 = load(tiny_model_dir, trained["sft"].model_dir)
-    expected_m1, expected_m0 = batch_logps(m1, batch), batch_logps(m0, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.args.bf16):  # as the trainer runs
+        expected_m1, expected_m0 = batch_logps(m1, batch), batch_logps(m0, batch)
     assert (expected_m1 - expected_m0).abs().max() > 1e-2  # M(t) != M0 here
     for _ in ("before training", "after training"):
         ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
@@ -239,15 +242,15 @@ def test_dpo_reference_is_the_parent_not_m0(trained: dict[str, Any], tiny_model_
 
 
 def test_manifest_is_complete(trained: dict[str, Any], tiny_model_dir: Path) -> None:
+    from selfreward.services.trainer.arguments import cpu_has_native_bf16
     from selfreward.services.trainer.request import base_model_sha256
 
     m1, m2, dpo = trained["m1"], trained["m2"], trained["dpo"]
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"  # training.precision auto on CPU
     folder = dpo.model_dir
     assert m2["name"] == "m2" and m2["kind"] == "dpo" and m2["run"] == "t" and m2["seed"] == 7
-    assert m2["base_model"] == {
-        "path": str(tiny_model_dir.resolve()),
-        "sha256": base_model_sha256(tiny_model_dir),
-    }
+    assert m2["base_model"]["path"] == str(tiny_model_dir.resolve())
+    assert m2["base_model"]["sha256"] == base_model_sha256(tiny_model_dir)
     assert m2["parent"]["name"] == "m1" and m2["parent"]["adapter_sha256"] == m1["adapter_sha256"]
     assert m1["parent"] is None and m2["reference_model"].startswith("m1: a frozen copy")
     assert m2["data"]["sha256"] and m2["data"]["files"] == {
@@ -261,7 +264,7 @@ def test_manifest_is_complete(trained: dict[str, Any], tiny_model_dir: Path) -> 
     for manifest, steps in ((m1, 12), (m2, 8)):
         training = manifest["training"]
         assert training["global_step"] == training["total_steps"] == steps
-        assert training["resumed_from_step"] == 0 and training["precision"] == "fp32"
+        assert training["resumed_from_step"] == 0 and training["precision"] == precision
         assert training["effective_batch_size"] == 4
         metrics = manifest["metrics"]
         assert {"first_loss", "last_loss", "tokens_per_s", "samples_per_s"} <= set(metrics)
@@ -274,9 +277,26 @@ def test_manifest_is_complete(trained: dict[str, Any], tiny_model_dir: Path) -> 
     assert not any(p.is_dir() for p in folder.iterdir())
     assert m2["adapter_sha256"] == sha256_dir(folder, include=lambda rel: rel.name.startswith("adapter_"))
     assert json.loads((folder / "manifest.json").read_text()) == m2
+    assert "content_sha256" in m2["base_model"]  # from the prepared folder's manifest (None here)
     # checkpoints were outside the model folder and are gone; TensorBoard got the metrics
     assert not dpo.work_dir.exists()
     assert list(dpo.tensorboard_dir.glob("events.out.tfevents.*"))
+
+
+def test_manifest_fingerprint_matches_the_saved_adapter(
+    trained: dict[str, Any], tiny_model_dir: Path
+) -> None:
+    """Computed in memory right after training; the folder reloaded from disk reproduces it, M1 does not."""
+    from selfreward.fingerprint import compare_fingerprints, fingerprint_model_dir
+
+    expected = trained["m2"]["fingerprint"]
+    assert expected["probes"] and expected["dtype"] == "float32"
+    ok, details = compare_fingerprints(
+        expected, fingerprint_model_dir(tiny_model_dir, trained["dpo"].model_dir)
+    )
+    assert ok and details["max_abs_diff"] < 1e-4, details
+    parent_ok, _ = compare_fingerprints(expected, trained["m1"]["fingerprint"])
+    assert not parent_ok
 
 
 def test_progress_reports_steps_loss_and_eta(trained: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 """Run config -> TRL `SFTConfig` / `DPOConfig` and PEFT `LoraConfig`.
 
 What differs from TRL's defaults, and why:
-- precision `auto`: fp32 on CPU (bf16 is 2.6-4.8x slower without AVX512-BF16, docs/training.md),
-  bf16 on a GPU that supports it (fp16 otherwise); TRL's default is bf16 everywhere;
+- precision `auto`: on CPU bf16 autocast when the CPU has native bf16 (AVX512-BF16/AMX), fp32
+  otherwise (emulated bf16 is 2.6-4.8x slower); bf16 on a GPU that supports it (fp16 otherwise).
+  TRL's default is bf16 everywhere, and refuses to start on a CPU without `use_cpu`;
 - gradient checkpointing is off unless `training.gradient_checkpointing` (TRL defaults it on:
   ~20% slower, only worth it when memory is short);
 - `batch_size` is the effective batch: per-device batch x gradient accumulation x processes;
@@ -33,19 +34,39 @@ def resolve_device(training: TrainingConfig) -> str:
     return training.device
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls in hardware (without them bf16 is emulated and slow)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(getattr(torch.cpu, name)() for name in probes if hasattr(torch.cpu, name))
+    except RuntimeError:
+        return False
+
+
 def resolve_precision(training: TrainingConfig, device: str) -> str:
+    """fp32 | bf16 | fp16 (mixed precision: weights stay fp32 on CPU, autocast does the rest).
+
+    auto: on CPU bf16 when the CPU has native bf16 (measured on a 2-core AVX512-BF16 EPYC:
+    SmolLM2-135M LoRA SFT 4.3-5.0 s/step against 7.7-7.9 s/step in fp32), fp32 otherwise
+    (AVX2-only CPUs emulate bf16: 2.6-4.8x slower than fp32); on GPU bf16 where supported,
+    fp16 otherwise.
+    """
     import torch
 
     if training.precision != "auto":
-        if training.precision == "bf16" and device == "cpu":
-            log.warning("training.precision=bf16 on CPU: usually several times slower than fp32 here")
+        if training.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+            log.warning(
+                "training.precision=bf16 on a CPU without native bf16: several times slower than fp32"
+            )
         if training.precision == "fp16" and device == "cpu":
             raise ConfigError(
                 ["training.precision: fp16 mixed precision needs a GPU (use fp32 or bf16)"], "train"
             )
         return training.precision
     if device == "cpu":
-        return "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 

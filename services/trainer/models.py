@@ -39,15 +39,19 @@ def load_tokenizer(request: TrainRequest):  # -> PreTrainedTokenizerBase
     return tokenizer
 
 
-def load_policy(request: TrainRequest, precision: str):  # -> PreTrainedModel | PeftModel
-    """The model the trainer trains: the base, or the base with the parent adapter (trainable)."""
+def load_policy(request: TrainRequest, precision: str, device: str):  # -> PreTrainedModel | PeftModel
+    """The model the trainer trains: the base, or the base with the parent adapter (trainable).
+
+    On GPU the frozen base is loaded in the training precision (memory); on CPU it stays fp32
+    and mixed precision is autocast (as fast here, and the in-memory model is the fp32 model
+    the fingerprint and the fp32 policy server use).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = torch.float32 if device == "cpu" else getattr(torch, DTYPES[precision])
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            request.base_model, dtype=getattr(torch, DTYPES[precision])
-        )
+        model = AutoModelForCausalLM.from_pretrained(request.base_model, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise InputError(
             f"base model {request.base_model}: cannot be loaded as a causal LM ({exc})"

@@ -34,7 +34,7 @@ class TrainRequest(BaseModel):
     base_model: Path = Field(description="prepared M0 folder (HF format with tokenizer and chat template)")
     data: list[Path] = Field(description="sft: ift.jsonl [+ eft_train.jsonl]; dpo: pairs.jsonl")
     parent: str | None = Field(
-        None, description="adapter trained further (dpo: M(t)); None = fresh LoRA on M0"
+        None, pattern=NAME_PATTERN, description="adapter trained further (dpo: M(t)); None = fresh LoRA on M0"
     )
 
     @property

@@ -226,7 +226,7 @@ def build_trainer(
     precision = resolve_precision(config.training, device)
     args = (sft_arguments if request.kind == "sft" else dpo_arguments)(request, world_size())
     set_seed(config.seed)
-    model = load_policy(request, precision)
+    model = load_policy(request, precision, device)
     peft_config = lora_config(config.lora) if request.parent is None else None
     all_callbacks = [ProgressCallback(progress, f"{request.kind} {request.name}"), *callbacks]
     if config.training.tracker == "tensorboard" and int(os.environ.get("RANK", "0")) == 0:
@@ -274,9 +274,37 @@ def fit(
                 shutil.copy2(path, tmp / path.name)
         adapter_sha256 = sha256_dir(tmp, include=lambda rel: rel.name.startswith("adapter_"))
         manifest = _manifest(request, data, identity, training, metrics, adapter_sha256, tmp)
+        manifest.update(_publishing_fields(trainer, tokenizer, request, tmp, manifest))
         write_manifest(tmp / "manifest.json", manifest)
     log.info("%s: wrote %s (adapter sha256 %s)", request.name, request.model_dir, adapter_sha256[:12])
     return read_manifest(request.manifest_path)
+
+
+def _publishing_fields(
+    trainer: Any, tokenizer: Any, request: TrainRequest, folder: Path, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """The fingerprint publishing checks the served adapter against (selfreward.fingerprint).
+
+    Computed on the trained model in memory when it is whole and fp32; otherwise (DeepSpeed/FSDP
+    shards, a bf16/fp16 base on GPU) from the saved folder, loaded in fp32 on CPU.
+    """
+    import torch
+
+    from selfreward.fingerprint import adapter_manifest_fields, compute_fingerprint, fingerprint_model_dir
+
+    # keep_fp32_wrapper=False: drop accelerate's autocast wrapper of forward (training is over), so
+    # a bf16-autocast run is fingerprinted in fp32 like the served model
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    if sharded or next(model.parameters()).dtype != torch.float32:
+        fingerprint = fingerprint_model_dir(request.base_model, folder)  # fp32, from the saved folder
+    else:
+        fingerprint = compute_fingerprint(model, tokenizer)
+    fields = adapter_manifest_fields(folder, fingerprint, request.base_model)
+    if fields["adapter_sha256"] != manifest["adapter_sha256"]:
+        raise StageError("train", f"{folder}: adapter hash mismatch between storage and fingerprint helpers")
+    fields["base_model"] = {**manifest["base_model"], **fields.get("base_model", {})}
+    return fields
 
 
 def _training_facts(trainer: Any, resumed_from: int, throughput: Any, data: TrainingData) -> dict[str, Any]:
@@ -296,6 +324,7 @@ def _training_facts(trainer: Any, resumed_from: int, throughput: Any, data: Trai
         * args.world_size,
         "session_steps": throughput.steps,
         "session_seconds": round(throughput.seconds, 3),
+        "session_tokens": throughput.tokens,
     }
 
 
