@@ -70,7 +70,7 @@ def create_app(
         or environ.get("SELFREWARD_REDIS_URL")
         or "redis://127.0.0.1:6379/0"
     )
-    api_token = api_token if api_token is not None else (environ.get("SELFREWARD_API_TOKEN") or None)
+    api_token = (api_token if api_token is not None else environ.get("SELFREWARD_API_TOKEN")) or None
     conn = redis.Redis.from_url(redis_url)
     store = RunStore(conn)
     overrides = env_overrides(environ)

@@ -11,6 +11,7 @@ continues where the dead one stopped.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import traceback
 from typing import Any
@@ -25,7 +26,7 @@ from selfreward.errors import ConfigError, EmptyResultError, InputError, StageEr
 from selfreward.loop import plan
 from selfreward.progress import Progress, rq_meta_sink
 from selfreward.services.coordinator.state import IterationState, RunStore
-from selfreward.storage import RunLayout
+from selfreward.storage import RunLayout, sha256_text
 
 STAGE_TIMEOUT_S = {"sft": 24 * 3600, "train": 24 * 3600, "prepare": 4 * 3600}
 DEFAULT_TIMEOUT_S = 6 * 3600
@@ -34,7 +35,11 @@ NOT_RETRIED = (ConfigError, InputError, EmptyResultError)
 
 
 def _job_id(run_id: str, t: int, stage_t: int, stage: str, attempt: int) -> str:
-    return f"{run_id}.it{t}.a{attempt}.{stage_t}-{stage}"
+    """RQ job ids allow letters, digits, '_' and '-': run names may hold dots, so they get a hash."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)
+    if safe != run_id:
+        safe += "_" + sha256_text(run_id)[:8]
+    return f"{safe}-it{t}-a{attempt}-{stage_t}-{stage}"
 
 
 def chain_of(layout: RunLayout, t: int) -> list[tuple[int, str]]:
@@ -97,13 +102,6 @@ def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -
     )
     store.save_iteration(run_id, state)
     return state
-
-
-def _job_status(conn: redis.Redis, job_id: str) -> str | None:
-    try:
-        return Job.fetch(job_id, connection=conn).get_status(refresh=True)
-    except NoSuchJobError:
-        return None
 
 
 def cancel_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -> None:

@@ -27,6 +27,11 @@ RQ_STATE = {
 _BULKY = {"config", "inputs", "outputs"}
 
 
+def _status(job: Job) -> str:
+    status = job.get_status(refresh=True)
+    return str(getattr(status, "value", status))
+
+
 def _job_for(store: RunStore, run_id: str, t: int, stage: str) -> str | None:
     """The newest job id of stage (t, stage) among the iterations' job chains."""
     key = f"{t}:{stage}"
@@ -56,7 +61,7 @@ def stage_states(
             except NoSuchJobError:
                 job = None
             if job is not None:
-                status = str(job.get_status(refresh=True))
+                status = _status(job)
                 entry["state"] = RQ_STATE.get(status, status)
                 if job.retries_left is not None:
                     entry["retries_left"] = job.retries_left
@@ -91,7 +96,7 @@ def chain_status(
             job = Job.fetch(job_id, connection=conn)
         except NoSuchJobError:
             continue
-        if job.get_status(refresh=True) == "failed":
+        if _status(job) == "failed":
             result = job.latest_result()
             error = result.exc_string.strip().splitlines()[-1] if result and result.exc_string else "failed"
             return "failed", key.split(":", 1)[1], error
