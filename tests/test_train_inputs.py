@@ -187,9 +187,9 @@ def test_missing_base_model_is_a_clear_error(tmp_path: Path, tiny_model_dir: Pat
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(InputError, match=r"has no config.json"):
         dpo_request(cfg, pairs=pairs, name="m1", base_model=tmp_path / "not-a-model")
-    alias = make_config(tmp_path / "art", Path("smollm2-135m-instruct"))
-    with pytest.raises(ConfigError, match=r"model.base: 'smollm2-135m-instruct' is not a local model folder"):
-        dpo_request(alias, pairs=pairs, name="m1")
+    missing = make_config(tmp_path / "art", tmp_path / "no-such-m0")  # model.base goes through prepare
+    with pytest.raises(InputError, match=r"model folder not found: .*no-such-m0"):
+        dpo_request(missing, pairs=pairs, name="m1")
 
 
 def test_missing_parent_and_parent_on_another_base(tmp_path: Path, tiny_model_dir: Path) -> None:

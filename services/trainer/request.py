@@ -89,19 +89,19 @@ def _check_model_folder(path: Path, what: str) -> Path:
 
 
 def resolve_base_model(config: RunConfig, base_model: str | Path | None) -> Path:
-    """The prepared M0 folder: `base_model` when given, else `model.base` when it is a local folder."""
+    """The prepared M0 folder: `base_model` when given, `model.base` when it is a model folder,
+    else `model.base` prepared by the policy service (GGUF, alias or hub id; cached by content
+    hash under <artifact_root>/cache, so only the first job converts it)."""
     if base_model is not None:
         return _check_model_folder(Path(base_model), "base model")
     candidate = Path(config.model.base).expanduser()
-    if candidate.is_dir():
+    if (candidate / "config.json").is_file():
         return _check_model_folder(candidate, "base model (model.base)")
-    raise ConfigError(
-        [
-            f"model.base: {config.model.base!r} is not a local model folder; prepare it first "
-            "(`selfreward policy prepare`) and pass the prepared folder as the base model"
-        ],
-        "train",
-    )
+    from selfreward.services.policy.prepare import prepare_model
+
+    layout = RunLayout(config.artifact_root, config.name)
+    prepared = prepare_model(config.model.base, layout.cache_dir, chat_template=config.model.chat_template)
+    return _check_model_folder(prepared, f"base model (model.base {config.model.base!r}, prepared)")
 
 
 def _check_file(path: Path, what: str) -> Path:

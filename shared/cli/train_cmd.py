@@ -70,7 +70,7 @@ def sft(
     ),
     name: str = typer.Option("m1", help="model name: runs/<run>/models/<name>/"),
     base_model: Path | None = typer.Option(
-        None, help="prepared M0 folder; default model.base if it is a folder"
+        None, help="prepared M0 folder; default: model.base (prepared when needed)"
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every logged step"),
 ) -> None:
@@ -95,7 +95,7 @@ def dpo(
         None, help="M(t): the model trained further and the reference; default M0"
     ),
     base_model: Path | None = typer.Option(
-        None, help="prepared M0 folder; default model.base if it is a folder"
+        None, help="prepared M0 folder; default: model.base (prepared when needed)"
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every logged step"),
 ) -> None:
@@ -127,7 +127,9 @@ def worker_train(
 
 @worker_app.command("start")
 def worker_start(
-    queue: list[str] = typer.Option(..., "--queue", help="queue(s) to serve: generate, judge, train, evaluate"),
+    queue: list[str] = typer.Option(
+        ..., "--queue", help="queue(s) to serve: generate, judge, train, evaluate"
+    ),
     redis_url: str = typer.Option(..., envvar="REDIS_URL", help="redis://host:port/db (default $REDIS_URL)"),
     burst: bool = typer.Option(False, help="exit when the queues are empty"),
     with_scheduler: bool = typer.Option(True, help="also run RQ's scheduler (stage retries use intervals)"),
