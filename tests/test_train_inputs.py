@@ -351,3 +351,68 @@ def test_cli_reports_input_errors_without_traceback(tmp_path: Path, tiny_model_d
     )
     assert result.exit_code == 2
     assert "pairs file not found" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------ resume bookkeeping
+
+
+def test_latest_checkpoint_skips_and_removes_torn_ones(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(
+                json.dumps({"global_step": step})
+            )
+    (folder / "checkpoint-x").mkdir()
+    latest = runner.latest_checkpoint(folder)
+    assert latest == folder / "checkpoint-8" and runner.checkpoint_step(latest) == 8
+    assert not (folder / "checkpoint-12").exists() and (folder / "checkpoint-4").exists()
+    assert runner.latest_checkpoint(tmp_path / "none") is None and runner.checkpoint_step(None) == 0
+
+
+def test_checkpoints_of_another_job_are_discarded(tmp_path: Path, cfg) -> None:
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair(0)])
+    request = dpo_request(cfg, pairs=pairs, name="m1")
+    old = request.checkpoint_dir / "checkpoint-4"
+    old.mkdir(parents=True)
+    runner._reset_stale_work(request, "key-a", {"a": 1})
+    assert old.exists()  # same job (first attempt recorded now): kept
+    runner._reset_stale_work(request, "key-a", {"a": 1})
+    assert old.exists()  # the same job again: resumable
+    runner._reset_stale_work(request, "key-b", {"a": 2})
+    assert not old.exists()  # inputs changed: never resumed
+    assert json.loads((request.work_dir / "job.json").read_text())["key"] == "key-b"
+
+
+def test_a_job_already_running_elsewhere_is_refused(tmp_path: Path, cfg) -> None:
+    import fcntl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair(0)])
+    request = dpo_request(cfg, pairs=pairs, name="m1")
+    lock = request.work_dir.with_name("m1.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # another process (open file description) holds it
+        with pytest.raises(StageError, match=r"another process is training 'm1' of run 't'"):
+            runner.run(request)
+
+
+def test_progress_relay_replays_complete_lines_only(tmp_path: Path) -> None:
+    from selfreward.progress import Progress
+    from selfreward.services.trainer.launch import ProgressFileSink, ProgressRelay
+
+    path = tmp_path / "progress.jsonl"
+    child = Progress(ProgressFileSink(path))
+    seen: list[dict[str, Any]] = []
+    relay = ProgressRelay(path, Progress(lambda e: seen.append(e.as_dict())))
+    task = child.task("dpo m2", total=10)
+    task.update(done=3, loss=0.5, eta_s=7.0)
+    with open(path, "a") as fh:
+        fh.write('{"task": "dpo m2", "done": 4')  # a line being written
+    relay.poll()
+    assert seen[-1]["done"] == 3 and seen[-1]["loss"] == 0.5 and seen[-1]["eta_s"] == 7.0
+    with open(path, "a") as fh:
+        fh.write(', "total": 10, "elapsed_s": 1.0, "eta_s": null, "finished": true, "loss": 0.4}\n')
+    relay.poll()
+    assert seen[-1]["done"] == 4 and seen[-1]["finished"] and seen[-1]["loss"] == 0.4
