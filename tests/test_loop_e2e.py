@@ -99,6 +99,7 @@ def check_run(root: Path, name: str, variant: str) -> dict[str, Any]:
         assert manifest["adapter_sha256"] and manifest["fingerprint"]
     m2 = json.loads((run / "models" / "m2" / "manifest.json").read_text())
     assert m2["parent"]["name"] == "m1"
+    assert "<h1>Run " in (run / "report.html").read_text()  # written at the end of `selfreward run`
     report = json.loads((run / "eval" / "iter-1" / "report.json").read_text())
     assert report["model"].startswith("m2-") and report["baseline"].startswith("m1-")
     assert report["head2head"]["n"] == 3

@@ -77,5 +77,9 @@ def run(
         for o in result.outcomes
     ]
     print_table("summary", ["iter", "stage", "status", "seconds", "result"], rows)
+    from selfreward.reports.run_report import build_run_report
+    from selfreward.storage import RunLayout
+
+    page = build_run_report(RunLayout(config.artifact_root, config.name))
     console.print(f"total {result.seconds / 60:.1f} min; artifacts in {result.run_dir}")
-    console.print(f"report: selfreward report {result.run_dir}")
+    console.print(f"report: {page}")
