@@ -220,6 +220,12 @@ class PolicyServerConfig(StrictModel):
     max_logprobs: int = Field(20, ge=1)
     startup_timeout_s: float = Field(600.0, gt=0)
     extra_args: list[str] = []
+    cpu_reserved_cores: int | None = Field(
+        None,
+        ge=0,
+        description="cores vLLM keeps free of its compute threads for its scheduler "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU); default: 0 on machines with up to 4 cores, else vLLM's (1)",
+    )
     python: str | None = Field(
         None, description="Python interpreter of the environment that has vLLM; default: this one"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -45,6 +46,12 @@ def test_cpu_command_line(tmp_path: Path) -> None:
     env = vllm_env(policy, {"PATH": "/bin"})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_TARGET_DEVICE"] == "cpu"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["PATH"] == "/bin"
+    reserved = vllm_env(policy.model_copy(update={"cpu_reserved_cores": 1}), {})
+    assert reserved["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    if (os.cpu_count() or 1) <= 4:  # small machines give vLLM's compute threads every core
+        assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    else:
+        assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
     # compiled mode on request
     compiled = vllm_command(
         "m",

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.clients.openai_compat import HTTPStatusError, OpenAICompatClient, token_id
+from selfreward.config import PolicyServerConfig
 from selfreward.errors import InputError, ServiceError
 from selfreward.fingerprint import (
+    BF16_TOLERANCE,
     DEFAULT_TOLERANCE,
     PREPARED_MODEL_MANIFEST,
     adapter_sha256,
@@ -44,6 +46,14 @@ class FingerprintMismatch(ServiceError):
     def __init__(self, message: str, details: dict[str, Any]) -> None:
         self.details = details
         super().__init__(message)
+
+
+def tolerance_for(policy: PolicyServerConfig) -> float:
+    """The fingerprint tolerance of a policy server config (policy.fingerprint_tolerance or the
+    device's default: fp32 on CPU, bf16 on GPU)."""
+    if policy.fingerprint_tolerance is not None:
+        return policy.fingerprint_tolerance
+    return DEFAULT_TOLERANCE if policy.device == "cpu" else BF16_TOLERANCE
 
 
 def _server_message(body: str) -> str:

@@ -79,7 +79,7 @@ def prepare(
         path = prepare_model(
             model, cache, out=out, chat_template=template, revision=revision, progress=Progress(sink)
         )
-    console.print(str(path), markup=False, highlight=False)
+    console.print(str(path), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("serve")
@@ -120,16 +120,23 @@ def serve(
     server = PolicyServer.from_config(config, model_dir, adapters=[Adapter.parse(a) for a in adapters])
 
     def forward(signum: int, _frame: Any) -> None:
-        err_console.print(f"{signal.Signals(signum).name}: stopping the policy server", highlight=False)
+        err_console.print(
+            f"{signal.Signals(signum).name}: stopping the policy server", highlight=False, soft_wrap=True
+        )
         server.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
-        err_console.print(f"starting vLLM ({config.policy.device}); log: {server.log_path}", highlight=False)
+        err_console.print(
+            f"starting vLLM ({config.policy.device}); log: {server.log_path}", highlight=False, soft_wrap=True
+        )
         server.wait_ready()
         console.print(
-            f"serving {server.model!r} from {model_dir} at {server.url}/v1", markup=False, highlight=False
+            f"serving {server.model!r} from {model_dir} at {server.url}/v1",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
         code = server.wait()
     finally:
@@ -138,7 +145,9 @@ def serve(
             signal.signal(s, handler)
     if code not in (0, -signal.SIGTERM, -signal.SIGINT):
         err_console.print(
-            f"the policy server exited with status {code}; log: {server.log_path}", highlight=False
+            f"the policy server exited with status {code}; log: {server.log_path}",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1)
 
@@ -152,7 +161,9 @@ def publish(
         None, "--parent", help="served model it must differ from (default: base)"
     ),
     url: str | None = typer.Option(None, "--url", help="policy server (default: services.policy_url)"),
-    tolerance: float | None = typer.Option(None, "--tolerance", help="policy.fingerprint_tolerance"),
+    tolerance: float | None = typer.Option(
+        None, "--tolerance", help="policy.fingerprint_tolerance (default by device)"
+    ),
     allow_unchanged: bool = typer.Option(
         False, "--allow-unchanged", help="skip the differs-from-parent check"
     ),
@@ -160,7 +171,7 @@ def publish(
 ) -> None:
     """Load an adapter as NAME-<sha256 prefix> and verify the server reproduces its fingerprint."""
     from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
-    from selfreward.services.policy.publish import publish_adapter
+    from selfreward.services.policy.publish import publish_adapter, tolerance_for
 
     config = _config(config_path, policy={"fingerprint_tolerance": tolerance})
 
@@ -171,7 +182,7 @@ def publish(
                 adapter_dir,
                 name=name,
                 parent=parent,
-                tol=config.policy.fingerprint_tolerance,
+                tol=tolerance_for(config.policy),
                 require_change=not allow_unchanged,
             )
 
