@@ -62,7 +62,10 @@ def smol_server(
     smollm2_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
     """`selfreward policy serve` in a subprocess, as a user runs it."""
+    from selfreward.testing.tiny_model import build_tiny_lora
+
     root = tmp_path_factory.mktemp("smol-artifacts")
+    boot_adapter = build_tiny_lora(smollm2_model_dir, root / "boot-lora", init_std=0.02, seed=4)
     port = free_port()
     env = {
         **os.environ,
@@ -72,12 +75,20 @@ def smol_server(
     cmd = [
         sys.executable, "-m", "selfreward.cli.main", "policy", "serve",
         "--model", str(smollm2_model_dir), "--port", str(port), "--served-name", "smol", "--max-model-len", "2048",
+        "--adapters", f"boot={boot_adapter}",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
-    info = {"url": url, "port": port, "proc": proc, "root": root, "model_dir": smollm2_model_dir}
+    info = {
+        "url": url,
+        "port": port,
+        "proc": proc,
+        "root": root,
+        "model_dir": smollm2_model_dir,
+        "boot": boot_adapter,
+    }
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -122,6 +133,16 @@ def test_chat_answers_are_coherent_english(smol_server: dict[str, Any]) -> None:
     assert letters / max(1, len(tips)) > 0.85, tips
     assert len({w.lower() for w in words} & COMMON_WORDS) >= 3, tips
     assert len(set(words)) / len(words) > 0.4, f"repetitive: {tips}"
+
+
+def test_adapters_given_at_start_are_served(smol_server: dict[str, Any]) -> None:
+    async def go() -> list[dict[str, Any]]:
+        async with OpenAICompatClient(smol_server["url"], max_retries=1) as client:
+            return await client.adapters()
+
+    assert [(a["id"], a["parent"], a["root"]) for a in run_sync(go())] == [
+        ("boot", "smol", str(smol_server["boot"].resolve()))
+    ]
 
 
 def test_served_smollm2_reproduces_its_fingerprint_and_takes_a_verified_adapter(

@@ -202,6 +202,8 @@ async def publish_adapter(
                 f"({base.get('root')}): {why}. Server said: {_server_message(exc.body)}"
             ) from None
 
+    state = "it was served before this publish: left loaded" if already_loaded else "unloaded again"
+
     async def fail(message: str, details: dict[str, Any]) -> None:
         if not already_loaded:
             await client.unload_adapter(served)
@@ -212,7 +214,7 @@ async def publish_adapter(
     if not ok:
         await fail(
             f"the server does not serve adapter {adapter_dir} as trained: its answers through "
-            f"{served!r} differ from the fingerprint in manifest.json (unloaded again).\n"
+            f"{served!r} differ from the fingerprint in manifest.json ({state}).\n"
             + format_comparison(details, "trained", "served"),
             details,
         )
