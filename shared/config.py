@@ -298,6 +298,11 @@ class RunConfig(StrictModel):
             raise ValueError(f"teacher.backend is required for variant {self.variant!r}")
         if self.teacher.backend and self.teacher.backend.startswith("policy:self"):
             raise ValueError("teacher.backend cannot be policy:self (that is the self-reward variant)")
+        if self.lora.r > self.policy.max_lora_rank:
+            raise ValueError(
+                f"policy.max_lora_rank ({self.policy.max_lora_rank}) is below lora.r ({self.lora.r}): "
+                "the policy server could not load the trained adapters"
+            )
         if self.data.eft_targets == "judge-filtered" and not self.data.eft_judge:
             raise ValueError("data.eft_judge is required when data.eft_targets is 'judge-filtered'")
         return self

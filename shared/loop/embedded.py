@@ -11,7 +11,6 @@ again after a crash or Ctrl-C resumes at the first unfinished stage.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,9 +125,6 @@ def run_embedded(
                     max_model_len=config.model.max_model_len,
                     adapters=published_adapters(layout),
                     log_dir=layout.logs_dir / "policy",
-                    # the server idles while this process trains: its OpenMP threads must
-                    # sleep rather than spin on the same cores (docs/architecture.md)
-                    env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
                 )
                 stack.enter_context(server)
                 task.close()

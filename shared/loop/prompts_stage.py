@@ -36,6 +36,10 @@ _TASK_LABEL = re.compile(r"^\s*(?:task\s*\d*\s*[:.)-]\s*)", re.IGNORECASE)
 _NEXT_TASK = re.compile(r"\n\s*task\s*\d+\s*[:.)]", re.IGNORECASE)
 
 
+# one task per answer: stop where a model starts the next one (saves most of the tokens)
+STOP = ["\nTask ", "\n\n"]
+
+
 def derived_seed(*parts: object) -> int:
     """A stable 31-bit seed from the parts (Python's hash() is salted per process)."""
     import hashlib
@@ -157,6 +161,7 @@ async def self_instruct(
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 max_tokens=cfg.max_tokens,
+                stop=STOP,
                 seed=derived_seed(run_seed, t, a, "sample") if seeded else None,
             )
             choice = gen.choices[0]

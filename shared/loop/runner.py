@@ -149,14 +149,17 @@ def _sft(ctx: StageContext) -> dict[str, Any]:
 
 
 def _publish(ctx: StageContext) -> dict[str, Any]:
-    from selfreward.services.policy.publish import publish_adapter
+    from selfreward.services.policy.publish import publish_adapter, tolerance_for
 
     name = plan.model_name(ctx.t + 1)
     parent = plan.served_name(ctx.layout, ctx.t)
+    tol = tolerance_for(ctx.config.policy)
 
     async def go() -> dict[str, Any]:
         async with ctx.client() as client:
-            return await publish_adapter(client, ctx.layout.model_dir(name), name=name, parent=parent)
+            return await publish_adapter(
+                client, ctx.layout.model_dir(name), name=name, parent=parent, tol=tol
+            )
 
     result = asyncio.run(go())
     return {"model": name, **result}
@@ -165,17 +168,17 @@ def _publish(ctx: StageContext) -> dict[str, Any]:
 # ---------------------------------------------------------------- iteration t >= 1
 
 
-async def ensure_served(client: OpenAICompatClient, layout: RunLayout, t: int) -> str:
+async def ensure_served(client: OpenAICompatClient, layout: RunLayout, t: int, tol: float) -> str:
     """M(t)'s served name, publishing it again if the policy server lost it (a restarted vLLM
-    forgets adapters loaded at run time); the fingerprint is checked again when it is."""
+    forgets adapters loaded at run time); the fingerprint is checked again (within `tol`)."""
     name = plan.served_name(layout, t)
     if t == 0 or name in await client.model_names():
         return name
     from selfreward.services.policy.publish import publish_adapter
 
-    parent = await ensure_served(client, layout, t - 1)
+    parent = await ensure_served(client, layout, t - 1, tol)
     record = await publish_adapter(
-        client, layout.model_dir(plan.model_name(t)), name=plan.model_name(t), parent=parent
+        client, layout.model_dir(plan.model_name(t)), name=plan.model_name(t), parent=parent, tol=tol
     )
     if record["served_name"] != name:
         raise StageError(
@@ -188,9 +191,13 @@ async def ensure_served(client: OpenAICompatClient, layout: RunLayout, t: int) -
 def _policy_model(ctx: StageContext, t: int | None = None) -> str:
     """The served name of M(t) (default: the context's iteration), made sure to be served."""
 
+    from selfreward.services.policy.publish import tolerance_for
+
     async def go() -> str:
         async with ctx.client() as client:
-            return await ensure_served(client, ctx.layout, ctx.t if t is None else t)
+            return await ensure_served(
+                client, ctx.layout, ctx.t if t is None else t, tolerance_for(ctx.config.policy)
+            )
 
     return asyncio.run(go())
 
