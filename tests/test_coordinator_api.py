@@ -286,3 +286,76 @@ def test_failed_stage_resume_and_killed_workers_lose_nothing(
         assert all({r["id"]: r for r in judged}[k] == v for k, v in judged_before.items())
         states = {s["stage"]: s for s in detail["stages"]}
         assert states["candidates"]["retries_left"] < 3 and states["judgments"]["retries_left"] < 3
+
+
+@pytest.mark.timeout(900)
+def test_rest_teacher_variants_through_the_judge_service_and_gemini(
+    tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, tiny_lora_dir: Path, policy_server
+) -> None:
+    """teacher-reward judged through the judge service (an OpenAI-compatible teacher: a second
+    model served by vLLM), and teacher-demo with the Gemini fake writing the chosen answers."""
+    import asyncio
+
+    from selfreward.clients.openai_compat import OpenAICompatClient
+    from selfreward.testing.fake_gemini import fake_gemini
+
+    async def load_teacher() -> None:
+        async with OpenAICompatClient(policy_server.url) as client:
+            if "teacher" not in await client.model_names():
+                await client.load_adapter("teacher", str(tiny_lora_dir))
+
+    asyncio.run(load_teacher())
+    teacher = f"openai:{policy_server.url}/v1#teacher"
+    answer = "The teacher's complete answer."
+
+    def reply(model: str, prompt: str, body: dict[str, Any]) -> str:
+        return "m" if "Best Model Identifier" in prompt else answer
+
+    with cluster(tmp_path, redis_url) as c, fake_gemini(api_key="gk", reply=reply) as gemini:
+        template = tiny_model_dir.parent / "short-judge.txt"
+        judge_port = free_port()
+        judge_env = {
+            **c.env,
+            "POLICY_URL": policy_server.url,
+            "SELFREWARD_JUDGE__TEMPLATE": str(template),
+            "SELFREWARD_JUDGE__MODE": "logprob",
+        }
+        judge_log = tmp_path / "judge.log"
+        judge = c.stack.enter_context(
+            background([*SELFREWARD, "serve", "judge", "--port", str(judge_port)], judge_log, judge_env)
+        )
+        judge_url = f"http://127.0.0.1:{judge_port}"
+        wait_http(f"{judge_url}/healthz", 60, judge, judge_log)
+        c.env["GEMINI_API_KEY"] = "gk"  # the workers' environment (teacher-demo writes with Gemini)
+        treward = run_body(
+            "treward",
+            tiny_model_dir,
+            policy_server.url,
+            variant="teacher-reward",
+            teacher={"backend": teacher},
+            services={"judge_url": judge_url},
+        )
+        tdemo = run_body(
+            "tdemo",
+            tiny_model_dir,
+            policy_server.url,
+            variant="teacher-demo",
+            teacher={"backend": "gemini:gemini-pro", "gemini_base_url": gemini.base_url},
+            eval={"judge": "gemini:gemini-pro"},
+        )
+        with c.client() as api:
+            for body in (treward, tdemo):
+                assert api.post("/runs", json=body).status_code == 201
+                assert api.post(f"/runs/{body['name']}/iterations").status_code == 202
+        c.start_worker(1)
+        for name in ("treward", "tdemo"):
+            detail = c.wait_iteration(name, 1, ("done", "failed"), 600)
+            assert detail["status"] == "done", detail
+        root = tmp_path / "artifacts" / "runs"
+        judged = load_jsonl(root / "treward" / "iter-1" / "judgments.jsonl")
+        assert judged and {j["judge"] for j in judged} == {teacher}
+        with httpx.Client() as http:  # the verdicts went through the judge service
+            assert 'endpoint="/v1/score"' in http.get(f"{judge_url}/metrics").text
+        pairs = load_jsonl(root / "tdemo" / "iter-1" / "pairs.jsonl")
+        assert pairs and all(p["chosen"][0]["content"] == answer for p in pairs)
+        assert all(r.key_ok for r in gemini.requests)

@@ -2,37 +2,60 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from selfreward.cli.ui import RichProgressSink, console, friendly_errors, print_table
 
 
-def _key_counts(stage: str, manifest: dict) -> str:
-    keys = {
-        "prepare": ("seed_counts",),
-        "sft": ("model", "steps", "final_metrics"),
-        "publish": ("served_name", "max_abs_diff"),
-        "prompts": ("prompts", "attempts"),
-        "candidates": ("candidates", "teacher_answers"),
-        "judgments": ("judged", "parse_failures", "skipped"),
-        "pairs": ("pairs", "tie_rate", "parse_failure_rate"),
-        "train": ("model", "steps", "final_metrics"),
-        "evaluate": ("metrics",),
-    }[stage]
-    parts = []
-    for k in keys:
-        if manifest.get(k) is None:
-            continue
-        v = manifest[k]
-        if isinstance(v, float):
-            v = f"{v:.3g}"
-        elif isinstance(v, dict):
-            v = json.dumps({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()})
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
+def _num(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _result(stage: str, m: dict[str, Any]) -> str:
+    """One line per stage for the summary table."""
+    if stage == "prepare":
+        c = m.get("seed_counts") or {}
+        return f"seed: ift={c.get('ift')} eft_train={c.get('eft_train')} eft_eval={c.get('eft_eval')}"
+    if stage in ("sft", "train"):
+        met = m.get("metrics") or {}
+        parts = [f"{m.get('model')} steps={m.get('steps')} examples={m.get('examples')}"]
+        if "first_loss" in met and "last_loss" in met:
+            parts.append(f"loss {_num(met['first_loss'])}->{_num(met['last_loss'])}")
+        if "rewards/margins" in met:
+            parts.append(f"margin={_num(met['rewards/margins'])} acc={_num(met.get('rewards/accuracies'))}")
+        return " ".join(parts)
+    if stage == "publish":
+        return f"{m.get('served_name')} (fingerprint diff {_num(m.get('max_abs_diff'))})"
+    if stage == "prompts":
+        return f"prompts={m.get('prompts')} attempts={m.get('attempts')} rejected={m.get('rejected', {})}"
+    if stage == "candidates":
+        extra = f" teacher={m['teacher_answers']}" if m.get("teacher_answers") else ""
+        return f"candidates={m.get('candidates')}{extra}"
+    if stage == "judgments":
+        if m.get("skipped"):
+            return str(m["skipped"])
+        return f"judged={m.get('judged')} parse_failures={m.get('parse_failures')} by {m.get('judge')}"
+    if stage == "pairs":
+        return (
+            f"pairs={m.get('pairs')} tie_rate={_num(m.get('tie_rate', 0.0))} "
+            f"parse_failure_rate={_num(m.get('parse_failure_rate', 0.0))}"
+        )
+    if stage == "evaluate":
+        met = m.get("metrics") or {}
+        parts = []
+        if "wins" in met:
+            lo, hi = met.get("win_rate_ci") or (None, None)
+            parts.append(
+                f"{m.get('model')} vs {m.get('baseline')}: w/t/l={met['wins']}/{met['ties']}/{met['losses']} "
+                f"win_rate={_num(met['win_rate'])} [{_num(lo)}, {_num(hi)}]"
+            )
+        if "rm_pairwise_accuracy" in met:
+            parts.append(f"judge vs humans: pairwise_acc={_num(met['rm_pairwise_accuracy'])}")
+        return "; ".join(parts)
+    return ""
 
 
 @friendly_errors
@@ -73,8 +96,7 @@ def run(
             config, Progress(sink), iterations=iterations, policy_url=policy_url, on_stage=show
         )
     rows = [
-        (o.t, o.stage, o.status, f"{o.seconds:.1f}", _key_counts(o.stage, o.manifest))
-        for o in result.outcomes
+        (o.t, o.stage, o.status, f"{o.seconds:.1f}", _result(o.stage, o.manifest)) for o in result.outcomes
     ]
     print_table("summary", ["iter", "stage", "status", "seconds", "result"], rows)
     from selfreward.reports.run_report import build_run_report

@@ -134,8 +134,18 @@ def _base_dir(ctx: StageContext) -> Path:
 
 
 def _train_result(manifest: dict[str, Any]) -> dict[str, Any]:
-    keep = ("name", "adapter_sha256", "parent", "final_metrics", "metrics", "steps", "global_step")
-    return {"model": manifest.get("name"), **{k: manifest[k] for k in keep if k in manifest}}
+    """The stage manifest's view of a trainer manifest (models/<name>/manifest.json has it all)."""
+    training = manifest.get("training", {})
+    return {
+        "model": manifest.get("name"),
+        "adapter_sha256": manifest.get("adapter_sha256"),
+        "parent": (manifest.get("parent") or {}).get("name"),
+        "steps": training.get("global_step"),
+        "precision": training.get("precision"),
+        "examples": (manifest.get("data") or {}).get("examples"),
+        "skipped": (manifest.get("data") or {}).get("skipped"),
+        "metrics": manifest.get("metrics", {}),
+    }
 
 
 def _sft(ctx: StageContext) -> dict[str, Any]:
