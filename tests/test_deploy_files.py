@@ -486,6 +486,43 @@ def test_compose_topology_ports_gpus_health_and_start_order() -> None:
     assert {s["build"]["target"] for n, s in gpu.items() if "build" in s} == {"app"}
 
 
+TEMPLATES = REPO / "configs" / "templates"
+CONFIGS_MOUNT = "/etc/selfreward/configs"
+PHI2_TEMPLATE_PATH = f"{CONFIGS_MOUNT}/templates/phi2-chat.jinja"  # as the containers see it
+
+
+def test_compose_policy_and_runs_share_the_chat_template() -> None:
+    """POLICY_CHAT_TEMPLATE goes to vLLM and, as model.chat_template, to every run (the coordinator's
+    run defaults); unset means Phi-2's, empty means the model's own (test_deploy_commands runs the
+    policy's entrypoint to check the flag itself)."""
+    unset = filled_env()
+    del unset["POLICY_CHAT_TEMPLATE"]
+    other = f"{CONFIGS_MOUNT}/templates/other.jinja"
+    cases = [
+        (filled_env(), PHI2_TEMPLATE_PATH),
+        (unset, PHI2_TEMPLATE_PATH),
+        (filled_env(POLICY_CHAT_TEMPLATE=""), ""),
+        (filled_env(POLICY_CHAT_TEMPLATE=other), other),
+    ]
+    for env, want in cases:
+        services = compose_config([COMPOSE], env)["services"]
+        assert services["policy"]["environment"]["POLICY_CHAT_TEMPLATE"] == want
+        assert services["coordinator"]["environment"]["SELFREWARD_MODEL__CHAT_TEMPLATE"] == want
+    assert env_example()["POLICY_CHAT_TEMPLATE"] == PHI2_TEMPLATE_PATH
+    services = compose_config([COMPOSE], filled_env())["services"]
+    entrypoint = services["policy"]["entrypoint"]
+    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[2].startswith("exec vllm serve "), entrypoint
+    # configs/ read-only at the same path wherever a template or config is read; the file is there
+    for name in ("policy", "judge", "trainer", "worker", "coordinator"):
+        assert f"./configs:{CONFIGS_MOUNT}:ro" in services[name]["volumes"], name
+    assert (REPO / "configs" / PHI2_TEMPLATE_PATH.removeprefix(CONFIGS_MOUNT + "/")).is_file()
+    # without a GPU: SmolLM2, served and trained with its own template whatever the GPU setting says
+    cpu = compose_config([COMPOSE, COMPOSE_CPU], filled_env())["services"]
+    assert cpu["coordinator"]["environment"]["SELFREWARD_MODEL__CHAT_TEMPLATE"] == ""
+    assert "POLICY_CHAT_TEMPLATE" not in cpu["policy"]["environment"]
+    assert "entrypoint" not in cpu["policy"]  # !reset: the cpu image's `selfreward policy serve`
+
+
 def test_images_are_pinned() -> None:
     for files in ([COMPOSE], [COMPOSE, COMPOSE_CPU]):
         for name, s in compose_config(files, filled_env())["services"].items():
@@ -776,3 +813,39 @@ def test_network_policies_expose_only_the_coordinator(overlay: str, rendered: di
     for name in labels:
         assert reachable("redis", labels[name]), f"{name} cannot reach redis"
         assert reachable("policy", labels[name]) and reachable("judge", labels[name])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_chat_templates_match_the_repository(overlay: str, rendered: dict[str, list[dict]]) -> None:
+    """The templates ConfigMap holds configs/templates/*.jinja, mounted read-only where the compose
+    files mount configs/templates; the run defaults' template is served by the GPU policy."""
+    docs = rendered[overlay]
+    configmaps = by_kind(docs, "ConfigMap")
+    (cm_name,) = [n for n in configmaps if n.startswith("selfreward-chat-templates")]
+    shipped = {p.name: p.read_text(encoding="utf-8") for p in sorted(TEMPLATES.glob("*.jinja"))}
+    assert shipped and configmaps[cm_name]["data"] == shipped, (
+        "k8s/base/chat-templates/ must hold a copy of each configs/templates/*.jinja (kustomize reads no "
+        "file outside k8s/): copy them again"
+    )
+    (defaults,) = [d for n, d in configmaps.items() if n.startswith("selfreward-run-defaults")]
+    template = defaults["data"]["SELFREWARD_MODEL__CHAT_TEMPLATE"]
+    # SmolLM2 (cpu) ships its own template: empty = model.chat_template null
+    assert template == {"gpu": PHI2_TEMPLATE_PATH, "cpu": ""}[overlay]
+    mount_path = f"{CONFIGS_MOUNT}/templates"
+    readers = {
+        "gpu": ("policy", "trainer", "worker", "coordinator"),
+        "cpu": ("trainer", "worker", "coordinator"),
+    }
+    for name in readers[overlay]:
+        pod = _pod(workloads(docs)[name])
+        volumes = {v["name"] for v in pod["volumes"] if v.get("configMap", {}).get("name") == cm_name}
+        mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] in volumes]
+        assert [(m["mountPath"], m.get("readOnly")) for m in mounts] == [(mount_path, True)], name
+    if overlay == "gpu":
+        assert template.startswith(mount_path + "/") and Path(template).name in shipped
+        vllm = _pod(workloads(docs)["policy"])["containers"][0]
+        env = {e["name"]: e for e in vllm["env"]}
+        ref = env["POLICY_CHAT_TEMPLATE"]["valueFrom"]["configMapKeyRef"]
+        assert (ref["name"], ref["key"]) == (defaults["metadata"]["name"], "SELFREWARD_MODEL__CHAT_TEMPLATE")
+        assert not ref.get("optional")
+        assert vllm["command"][:2] == ["/bin/sh", "-c"] and vllm["command"][2].startswith("exec vllm serve ")
