@@ -350,7 +350,7 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
         c.start_worker(1)
         for name in ("treward", "tdemo"):
             detail = c.wait_iteration(name, 1, ("done", "failed"), 600)
-            assert detail["status"] == "done", detail
+            assert detail["status"] == "done", (detail.get("failed_stage"), detail.get("error"))
         root = tmp_path / "artifacts" / "runs"
         judged = load_jsonl(root / "treward" / "iter-1" / "judgments.jsonl")
         assert judged and {j["judge"] for j in judged} == {teacher}

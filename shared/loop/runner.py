@@ -9,6 +9,7 @@ a crash finishes the work without redoing it.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -298,7 +299,14 @@ def _judgments(ctx: StageContext) -> dict[str, Any]:
     if cfg.services.judge_url:
         from selfreward.clients.judge_service import RemoteJudge
 
-        judge = RemoteJudge(cfg.services.judge_url, spec, cfg.judge, self_model=_policy_model(ctx))
+        judge = RemoteJudge(
+            cfg.services.judge_url,
+            spec,
+            cfg.judge,
+            self_model=_policy_model(ctx),
+            # the judge service's bearer token, shared by the deployment's services
+            api_token=os.environ.get("SELFREWARD_API_TOKEN") or None,
+        )
     else:
         from selfreward.judging import make_judge
 
