@@ -19,55 +19,17 @@ import pytest
 
 from selfreward.storage import load_jsonl, read_manifest
 from selfreward.testing.servers import background, free_port, wait_http
+from selfreward.testing.tiny_run import tiny_run_config
 
 TOKEN = "s3cret"
 SELFREWARD = [sys.executable, "-m", "selfreward.cli.main"]
 QUEUES = ["--queue", "generate", "--queue", "judge", "--queue", "train", "--queue", "evaluate"]
 
 
-SHORT_JUDGE = (
-    'Rate the answer from 0 to 5.\nQuestion: {instruction}\nAnswer: {response}\nEnd with "Score: <0-5>".'
-)
-
-
 def run_body(name: str, model_dir: Path, policy_url: str, **over: Any) -> dict[str, Any]:
-    template = model_dir.parent / "short-judge.txt"  # see test_loop_e2e.SHORT_JUDGE
-    if not template.exists():
-        template.write_text(SHORT_JUDGE)
-    body: dict[str, Any] = {
-        "name": name,
-        "seed": 3,
-        "variant": "self-reward",
-        "model": {"base": str(model_dir), "served_name": "tiny", "max_model_len": 1024},
-        "data": {"source": "demo", "max_ift": 12, "max_eft_train": 8},
-        "prompts": {"num_prompts": 3, "max_tokens": 24, "min_words": 1, "max_words": 80, "max_rounds": 5},
-        "candidates": {"n": 3, "max_tokens": 24},
-        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16, "template": str(template)},
-        "lora": {"r": 8, "alpha": 16},
-        "sft": {
-            "learning_rate": 0.05,
-            "max_steps": 2,
-            "batch_size": 4,
-            "per_device_batch_size": 4,
-            "max_length": 768,
-        },
-        "dpo": {
-            "learning_rate": 0.05,
-            "max_steps": 2,
-            "batch_size": 2,
-            "per_device_batch_size": 2,
-            "max_length": 768,
-        },
-        "training": {
-            "device": "cpu",
-            "precision": "fp32",
-            "checkpoint_steps": 1,
-            "num_threads": 1,
-            "tracker": "none",
-        },
-        "services": {"policy_url": policy_url, "concurrency": 4, "stage_retry_intervals_s": [1, 1, 1]},
-        "eval": {"max_prompts": 3, "max_tokens": 24, "bootstrap_samples": 200},
-    }
+    """A tiny run whose failed stages are retried after 1 s (the default waits minutes)."""
+    body = tiny_run_config(name, model_dir, policy_url, model_dir.parent, seed=3)
+    body["services"].update(concurrency=4, stage_retry_intervals_s=[1, 1, 1])
     for key, value in over.items():
         if isinstance(value, dict):
             body.setdefault(key, {}).update(value)

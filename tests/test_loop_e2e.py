@@ -15,62 +15,12 @@ from typer.testing import CliRunner
 
 from selfreward.cli.main import app
 from selfreward.storage import load_jsonl, read_manifest
-
-
-# the tiny model's 512-token BPE spends ~1000 tokens on the built-in judge prompt (max_model_len
-# 1024 here): these runs replace it from config, as users may
-SHORT_JUDGE = (
-    'Rate the answer from 0 to 5.\nQuestion: {instruction}\nAnswer: {response}\nEnd with "Score: <0-5>".'
-)
+from selfreward.testing.tiny_run import tiny_run_config
 
 
 def tiny_config(root: Path, name: str, model_dir: Path, policy_url: str, **over: Any) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    template = root / "judge.txt"
-    template.write_text(SHORT_JUDGE)
-    config: dict[str, Any] = {
-        "name": name,
-        "seed": 7,
-        "artifact_root": str(root),
-        "variant": "self-reward",
-        "iterations": 1,
-        "model": {"base": str(model_dir), "served_name": "tiny", "max_model_len": 1024},
-        "data": {"source": "demo", "max_ift": 12, "max_eft_train": 8},
-        "prompts": {"num_prompts": 3, "max_tokens": 24, "min_words": 1, "max_words": 80, "max_rounds": 5},
-        "candidates": {"n": 3, "max_tokens": 24},
-        "judge": {"samples": 1, "mode": "logprob", "max_tokens": 16, "template": str(template)},
-        "lora": {"r": 8, "alpha": 16},
-        "sft": {
-            "learning_rate": 0.05,
-            "max_steps": 2,
-            "batch_size": 4,
-            "per_device_batch_size": 4,
-            "max_length": 768,
-        },
-        "dpo": {
-            "learning_rate": 0.05,
-            "max_steps": 2,
-            "batch_size": 2,
-            "per_device_batch_size": 2,
-            "max_length": 768,
-        },
-        "training": {
-            "device": "cpu",
-            "precision": "fp32",
-            "checkpoint_steps": 1,
-            "num_threads": 1,
-            "tracker": "none",
-        },
-        "services": {"policy_url": policy_url, "concurrency": 8},
-        "eval": {"max_prompts": 3, "max_tokens": 24, "bootstrap_samples": 200},
-    }
-    for key, value in over.items():
-        if isinstance(value, dict):
-            config.setdefault(key, {}).update(value)
-        else:
-            config[key] = value
+    config = tiny_run_config(name, model_dir, policy_url, root, artifact_root=str(root), **over)
     path = root / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path
 

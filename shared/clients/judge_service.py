@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from selfreward.clients.openai_compat import HTTPStatusError, is_transient, parse_retry_after, with_retries
+from selfreward.clients.openai_compat import HTTPStatusError, is_transient, with_retries
 from selfreward.config import JudgeConfig
 from selfreward.errors import ServiceError
 from selfreward.judging import ScoreResult
@@ -70,15 +70,7 @@ class RemoteJudge:
         }
 
         async def once() -> dict[str, Any]:
-            resp = await self._client().post("/v1/score", json=body)
-            if resp.status_code >= 400:
-                raise HTTPStatusError(
-                    f"{self.base_url}/v1/score",
-                    resp.status_code,
-                    resp.text,
-                    parse_retry_after(resp.headers.get("retry-after")),
-                )
-            return resp.json()
+            return HTTPStatusError.check(await self._client().post("/v1/score", json=body)).json()
 
         try:
             data = await with_retries(once, self.config.max_retries)

@@ -45,6 +45,18 @@ class HTTPStatusError(ServiceError):
         self.retry_after = retry_after
         super().__init__(f"{url} answered HTTP {status}: {body[:500]}")
 
+    @classmethod
+    def check(cls, resp: httpx.Response) -> httpx.Response:
+        """`resp` unchanged, or this error (status, body, Retry-After) for a 4xx/5xx answer."""
+        if resp.status_code >= 400:
+            raise cls(
+                str(resp.request.url),
+                resp.status_code,
+                resp.text,
+                parse_retry_after(resp.headers.get("retry-after")),
+            )
+        return resp
+
 
 def parse_retry_after(value: str | None) -> float | None:
     if not value:
@@ -249,13 +261,7 @@ class OpenAICompatClient:
                     if not retry:
                         raise ServiceError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
                     raise
-            if resp.status_code >= 400:
-                raise HTTPStatusError(
-                    f"{self.base_url}{path}",
-                    resp.status_code,
-                    resp.text,
-                    parse_retry_after(resp.headers.get("retry-after")),
-                )
+            HTTPStatusError.check(resp)
             if not resp.content:
                 return None
             ctype = resp.headers.get("content-type", "")
