@@ -31,21 +31,6 @@ def _config(path: Path | None) -> Any:
     return load_config(path) if path else build_config({}, source="environment")
 
 
-def _judge(
-    config: Any, spec: str, policy_url: str | None, self_model: str | None, redis_url: str | None
-) -> Any:
-    from selfreward.judging import make_judge
-
-    return make_judge(
-        spec,
-        config.judge,
-        policy_url=policy_url or config.services.policy_url,
-        self_model=self_model,
-        teacher=config.teacher,
-        redis_url=redis_url,
-    )
-
-
 def _settings(config: Any, max_tokens: int | None, temperature: float | None) -> Any:
     from selfreward.evaluation.answers import GenerationSettings
 
@@ -170,6 +155,7 @@ def score_eft_cmd(
     from selfreward.clients.openai_compat import run_sync
     from selfreward.evaluation.prompt_sets import seeded_subset
     from selfreward.evaluation.reward_model import score_eft
+    from selfreward.judging import make_run_judge
     from selfreward.progress import Progress
     from selfreward.schemas import EFTEvalRecord, read_records
 
@@ -177,7 +163,7 @@ def score_eft_cmd(
     records = seeded_subset(read_records(eft, EFTEvalRecord), max_prompts, cfg.seed)
 
     async def go() -> Any:
-        j = _judge(cfg, judge, policy_url, None, redis_url)
+        j = make_run_judge(judge, cfg, policy_url=policy_url, redis_url=redis_url)
         try:
             with RichProgressSink() as sink:
                 return await score_eft(
@@ -226,6 +212,7 @@ def head2head(
     from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
     from selfreward.evaluation.answers import resolve_side
     from selfreward.evaluation.head2head import head2head_report, run_head2head
+    from selfreward.judging import make_run_judge
     from selfreward.progress import Progress
 
     cfg = _config(config)
@@ -241,7 +228,7 @@ def head2head(
             client = OpenAICompatClient(
                 url, concurrency=cfg.services.concurrency, timeout_s=cfg.services.request_timeout_s
             )
-        j = _judge(cfg, judge, url, None, redis_url)
+        j = make_run_judge(judge, cfg, policy_url=url, redis_url=redis_url)
         try:
             with RichProgressSink() as sink:
                 return await run_head2head(
@@ -306,6 +293,7 @@ def alpaca(
     from selfreward.errors import InputError
     from selfreward.evaluation.alpaca_eval import alpaca_report, reference_prompts, run_alpaca
     from selfreward.evaluation.answers import resolve_side
+    from selfreward.judging import make_run_judge
     from selfreward.metrics.alpaca import read_difficulty, read_outputs
     from selfreward.progress import Progress
 
@@ -332,7 +320,7 @@ def alpaca(
                 url, concurrency=cfg.services.concurrency, timeout_s=cfg.services.request_timeout_s
             )
         )
-        j = _judge(cfg, judge, url, None, redis_url) if judge else None
+        j = make_run_judge(judge, cfg, policy_url=url, redis_url=redis_url) if judge else None
         try:
             with RichProgressSink() as sink:
                 return await run_alpaca(

@@ -47,21 +47,6 @@ def _setup(
     return config, judge
 
 
-def _make(
-    config: Any, judge: str, policy_url: str | None, self_model: str | None, redis_url: str | None
-) -> Any:
-    from selfreward.judging import make_judge
-
-    return make_judge(
-        judge,
-        config.judge,
-        policy_url=policy_url or config.services.policy_url,
-        self_model=self_model,
-        teacher=config.teacher,
-        redis_url=redis_url,
-    )
-
-
 @app.command("score")
 @friendly_errors
 def score(
@@ -87,11 +72,14 @@ def score(
     ),
 ) -> None:
     """Score every answer in FILE; already-judged records in --out are skipped."""
+    from selfreward.judging import make_run_judge
     from selfreward.judging.stage import judge_candidates
     from selfreward.progress import Progress
 
     run_config, spec = _setup(config, judge, samples, mode, structured)
-    the_judge = _make(run_config, spec, policy_url, self_model, redis_url)
+    the_judge = make_run_judge(
+        spec, run_config, policy_url=policy_url, self_model=self_model, redis_url=redis_url
+    )
     with RichProgressSink() as sink:
         counts = judge_candidates(file, out, the_judge, Progress(sink))
     rows = [(k, v) for k, v in counts.items() if not isinstance(v, dict)]
@@ -117,11 +105,14 @@ def compare(
 ) -> None:
     """Compare answer A with answer B for every row of FILE, in both orders."""
     from selfreward.clients.openai_compat import run_sync
+    from selfreward.judging import make_run_judge
     from selfreward.judging.stage import acompare_rows
     from selfreward.progress import Progress
 
     run_config, spec = _setup(config, judge, None, mode, None)
-    the_judge = _make(run_config, spec, policy_url, self_model, redis_url)
+    the_judge = make_run_judge(
+        spec, run_config, policy_url=policy_url, self_model=self_model, redis_url=redis_url
+    )
 
     async def go() -> dict[str, Any]:
         try:

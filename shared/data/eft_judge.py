@@ -43,19 +43,23 @@ class JudgingEFTJudge:
         await self.judge.aclose()
 
 
-def eft_judge_for(run: RunConfig) -> JudgingEFTJudge:
-    """The judge named by `data.eft_judge`, configured by the run's judge/teacher/services sections."""
-    from selfreward.judging import make_judge
+def eft_judge_for(
+    run: RunConfig, *, policy_url: str | None = None, redis_url: str | None = None
+) -> JudgingEFTJudge:
+    """The judge named by `data.eft_judge`, configured by the run's judge/teacher/services sections
+    (`policy_url` in place of services.policy_url; `redis_url`: the verdict cache, else in-process)."""
+    from selfreward.judging import make_run_judge
 
     spec = run.data.eft_judge
     if not spec:
         raise ConfigError(["data.eft_judge is required when data.eft_targets is 'judge-filtered'"], "data")
     config = run.judge.model_copy(update={"mode": "sample", "samples": 1})
-    judge = make_judge(
+    judge = make_run_judge(
         spec,
-        config,
-        policy_url=run.services.policy_url,
+        run,
+        policy_url=policy_url,
         self_model=run.model.served_name,
-        teacher=run.teacher,
+        redis_url=redis_url,
+        judge_config=config,
     )
     return JudgingEFTJudge(judge)

@@ -14,7 +14,7 @@ Answers are kept per model in `eval/answers/` (a baseline's answers are generate
 run and settings), verdicts and EFT scores in the iteration's folder, all resumable.
 
 `run_evaluate_stage` is the synchronous entry point for a worker: it builds the judges
-(`selfreward.judging.make_judge`) and the policy client from the config, runs the above,
+(`selfreward.judging.make_run_judge`) and the policy client from the config, runs the above,
 and closes them.
 """
 
@@ -171,7 +171,7 @@ def run_evaluate_stage(
     redis_url: str | None = None,
 ) -> dict[str, Any]:
     """Synchronous evaluate stage: builds the judges and the policy client, evaluates, closes them."""
-    from selfreward.judging import make_judge
+    from selfreward.judging import make_run_judge
 
     url = policy_url or config.services.policy_url
 
@@ -180,23 +180,10 @@ def run_evaluate_stage(
             url, concurrency=config.services.concurrency, timeout_s=config.services.request_timeout_s
         )
         spec = eval_judge_spec(config)
-        judge = make_judge(
-            spec,
-            config.judge,
-            policy_url=url,
-            self_model=new_model,
-            teacher=config.teacher,
-            redis_url=redis_url,
-        )
+        judge = make_run_judge(spec, config, policy_url=url, self_model=new_model, redis_url=redis_url)
         rm_judge = None
         if config.eval.reward_model:
-            rm_judge = make_judge(
-                f"policy:{new_model}",
-                config.judge,
-                policy_url=url,
-                teacher=config.teacher,
-                redis_url=redis_url,
-            )
+            rm_judge = make_run_judge(f"policy:{new_model}", config, policy_url=url, redis_url=redis_url)
         try:
             return await evaluate_iteration(
                 config,

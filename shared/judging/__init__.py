@@ -2,6 +2,7 @@
 
 from selfreward.judging import make_judge
 judge = make_judge("policy:self", config.judge, policy_url=..., self_model="m1", redis_url=...)
+judge = make_run_judge("policy:self", run_config, self_model="m1")  # the run's judge/teacher/services
 results = await judge.score(instruction, responses)        # list[ScoreResult]
 comp = await judge.compare(instruction, response_a, response_b)  # CompareResult
 await judge.aclose()
@@ -15,6 +16,7 @@ from selfreward.judging.judge import (
     PairVerdict,
     ScoreResult,
     make_judge,
+    make_run_judge,
 )
 from selfreward.judging.parsing import expected_score, parse_score, parse_winner
 from selfreward.judging.specs import JudgeSpec, parse_spec, resolve_api_key
@@ -36,6 +38,7 @@ __all__ = [
     "expected_score",
     "judge_candidates",
     "make_judge",
+    "make_run_judge",
     "parse_score",
     "parse_spec",
     "parse_winner",

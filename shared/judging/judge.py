@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from selfreward.clients.openai_compat import HTTPStatusError
-from selfreward.config import JudgeConfig, TeacherConfig
+from selfreward.config import JudgeConfig, RunConfig, TeacherConfig
 from selfreward.errors import ConfigError, ServiceError
 from selfreward.judging.backends import (
     FATAL_STATUS,
@@ -630,3 +630,24 @@ def make_judge(
         backend = OpenAICompatBackend(resolved, config, resolve_api_key(resolved, teacher), events)
     cache = VerdictCache(redis_url, ttl_s=config.cache_ttl_s) if config.cache else None
     return Judge(resolved, config, backend, cache, observer)
+
+
+def make_run_judge(
+    spec: str,
+    run: RunConfig,
+    *,
+    policy_url: str | None = None,
+    self_model: str | None = None,
+    redis_url: str | None = None,
+    judge_config: JudgeConfig | None = None,
+) -> Judge:
+    """`make_judge` for a run: its judge and teacher sections (or `judge_config` in place of the
+    judge section) and its policy service unless `policy_url` names another."""
+    return make_judge(
+        spec,
+        judge_config or run.judge,
+        policy_url=policy_url or run.services.policy_url,
+        self_model=self_model,
+        teacher=run.teacher,
+        redis_url=redis_url,
+    )

@@ -308,15 +308,10 @@ def _judgments(ctx: StageContext) -> dict[str, Any]:
             api_token=os.environ.get("SELFREWARD_API_TOKEN") or None,
         )
     else:
-        from selfreward.judging import make_judge
+        from selfreward.judging import make_run_judge
 
-        judge = make_judge(
-            spec,
-            cfg.judge,
-            policy_url=ctx.url,
-            self_model=_policy_model(ctx),
-            teacher=cfg.teacher,
-            redis_url=ctx.redis_url,
+        judge = make_run_judge(
+            spec, cfg, policy_url=ctx.url, self_model=_policy_model(ctx), redis_url=ctx.redis_url
         )
     from selfreward.judging import judge_candidates
 
