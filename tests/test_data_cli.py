@@ -1,13 +1,17 @@
-"""`selfreward data prepare` and `data show`: the command, its options, its errors."""
+"""`selfreward data prepare` and `data show`: the command, its options, its errors; the run's
+prepare stage building the judge of judge-filtered EFT targets from the run config."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from selfreward.cli.main import app
@@ -87,13 +91,12 @@ def test_the_installed_command(tmp_path: Path) -> None:
     assert "ift.jsonl" in done.stdout and (tmp_path / "seed" / "manifest.json").is_file()
 
 
-def test_judge_filtered_targets_through_a_gemini_judge(tmp_path: Path) -> None:
-    """The CLI builds the judge from data.eft_judge (selfreward.judging) and talks to a local server
-    speaking Gemini's REST wire format; the verdict depends on the reply being judged."""
-    import re
+GEMINI_EFT_CALLS = 13  # replies judged by judged_trees' judge
 
-    from selfreward.testing.fake_gemini import fake_gemini
 
+def judged_trees(tmp_path: Path) -> tuple[Path, Callable[[str, str, dict], str]]:
+    """OASST trees with ranked replies, and a Gemini fake's reply function whose verdict depends on
+    the reply being judged (agreeing, disagreeing, tied and unparseable cases)."""
     verdicts = {
         "A1": "Complete.\nScore: 5", "A2": "Good.\nScore: 4", "A3": "Partial.\nScore: 2",
         "B1": "Helpful.\nScore: 4", "B2": "Vague.\nScore: 3",
@@ -125,6 +128,15 @@ def test_judge_filtered_targets_through_a_gemini_judge(tmp_path: Path) -> None:
         assert found is not None and model == "gemini-test"
         return verdicts[found.group(1)]
 
+    return src, reply
+
+
+def test_judge_filtered_targets_through_a_gemini_judge(tmp_path: Path) -> None:
+    """The CLI builds the judge from data.eft_judge (selfreward.judging) and talks to a local server
+    speaking Gemini's REST wire format; the verdict depends on the reply being judged."""
+    from selfreward.testing.fake_gemini import fake_gemini
+
+    src, reply = judged_trees(tmp_path)
     with fake_gemini(api_key="test-key", reply=reply) as fake:
         config = tmp_path / "run.yaml"
         config.write_text(
@@ -135,9 +147,11 @@ def test_judge_filtered_targets_through_a_gemini_judge(tmp_path: Path) -> None:
         args = ["data", "prepare", "--config", str(config), "--out", str(tmp_path / "seed")]
         result = runner.invoke(app, args, env={"GEMINI_API_KEY": "test-key"})
         assert result.exit_code == 0, result.output
-        assert fake.calls == 13 and all(r.key_ok for r in fake.requests)
+        assert fake.calls == GEMINI_EFT_CALLS and all(r.key_ok for r in fake.requests)
         again = runner.invoke(app, [*args, "--force"], env={"GEMINI_API_KEY": "test-key"})
-        assert again.exit_code == 0 and fake.calls == 13  # verdicts reused from eft_judgments.jsonl
+        assert (
+            again.exit_code == 0 and fake.calls == GEMINI_EFT_CALLS
+        )  # verdicts reused from eft_judgments.jsonl
     manifest = json.loads((tmp_path / "seed" / "manifest.json").read_text())
     targets = manifest["eft_targets"]
     assert (
@@ -153,4 +167,41 @@ def test_judge_filtered_targets_through_a_gemini_judge(tmp_path: Path) -> None:
         and targets["rows_downsampled"] == 2
     )
     rows = {r["id"]: r for r in load_jsonl(tmp_path / "seed" / "eft_train.jsonl")}
+    assert len(rows) == 7 and rows["a1"]["justification"] == "Complete." and rows["a1"]["score"] == 5
+
+
+def test_judge_filtered_targets_in_a_runs_prepare_stage(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 0 of a run (the loop's `prepare`) builds the same judge from the run config and writes
+    the same judge-filtered EFT targets as the CLI."""
+    from selfreward.config import RunConfig
+    from selfreward.loop.runner import StageContext, execute_stage
+    from selfreward.storage import RunLayout
+    from selfreward.testing.fake_gemini import fake_gemini
+
+    src, reply = judged_trees(tmp_path)
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    with fake_gemini(api_key="test-key", reply=reply) as fake:
+        config = RunConfig.model_validate(
+            {
+                "name": "eft",
+                "artifact_root": str(tmp_path / "artifacts"),
+                "model": {"base": str(tiny_model_dir), "served_name": "tiny"},
+                "data": {
+                    "source": str(src),
+                    "eval_fraction": 0.0,
+                    "eft_targets": "judge-filtered",
+                    "eft_judge": "gemini:gemini-test",
+                },
+                "teacher": {"gemini_base_url": fake.base_url},
+            }
+        )
+        layout = RunLayout(config.artifact_root, config.name)
+        manifest = execute_stage(StageContext(config, layout, 0), "prepare")
+        assert fake.calls == GEMINI_EFT_CALLS and all(r.key_ok for r in fake.requests)
+    assert manifest["seed_counts"]["eft_train"] == 7
+    seed = json.loads((layout.seed_dir / "manifest.json").read_text())
+    assert seed["eft_targets"]["judge_backend"] == "gemini:gemini-test"
+    rows = {r["id"]: r for r in load_jsonl(layout.seed_dir / "eft_train.jsonl")}
     assert len(rows) == 7 and rows["a1"]["justification"] == "Complete." and rows["a1"]["score"] == 5

@@ -118,9 +118,9 @@ def _prepare(ctx: StageContext) -> dict[str, Any]:
     )
     judge = None
     if cfg.data.eft_targets == "judge-filtered":
-        from selfreward.data.eft_judge import eft_judge_from_config
+        from selfreward.data.eft_judge import eft_judge_for
 
-        judge = eft_judge_from_config(cfg, policy_url=ctx.url, redis_url=ctx.redis_url)
+        judge = eft_judge_for(cfg, policy_url=ctx.url, redis_url=ctx.redis_url)
     seed = prepare_seed(cfg.data, ctx.layout.seed_dir, ctx.progress, judge=judge)
     return {
         "base_model_dir": str(base.resolve()),
