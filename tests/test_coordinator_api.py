@@ -252,22 +252,13 @@ def test_failed_stage_resume_and_killed_workers_lose_nothing(
 
 @pytest.mark.timeout(900)
 def test_rest_teacher_variants_through_the_judge_service_and_gemini(
-    tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, tiny_lora_dir: Path, policy_server
+    tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, openai_teacher: str, policy_server
 ) -> None:
     """teacher-reward judged through the judge service (an OpenAI-compatible teacher: a second
     model served by vLLM), and teacher-demo with the Gemini fake writing the chosen answers."""
-    import asyncio
-
-    from selfreward.clients.openai_compat import OpenAICompatClient
     from selfreward.testing.fake_gemini import fake_gemini
 
-    async def load_teacher() -> None:
-        async with OpenAICompatClient(policy_server.url) as client:
-            if "teacher" not in await client.model_names():
-                await client.load_adapter("teacher", str(tiny_lora_dir))
-
-    asyncio.run(load_teacher())
-    teacher = f"openai:{policy_server.url}/v1#teacher"
+    teacher = openai_teacher
     answer = "The teacher's complete answer."
 
     def reply(model: str, prompt: str, body: dict[str, Any]) -> str:

@@ -73,19 +73,9 @@ def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: P
 
 @pytest.mark.timeout(600)
 def test_teacher_reward_with_openai_compatible_teacher(
-    tmp_path: Path, tiny_model_dir: Path, tiny_lora_dir: Path, policy_server
+    tmp_path: Path, tiny_model_dir: Path, openai_teacher: str, policy_server
 ) -> None:
-    import asyncio
-
-    from selfreward.clients.openai_compat import OpenAICompatClient
-
-    async def load() -> None:
-        async with OpenAICompatClient(policy_server.url) as client:
-            if "teacher" not in await client.model_names():
-                await client.load_adapter("teacher", str(tiny_lora_dir))
-
-    asyncio.run(load())
-    teacher = f"openai:{policy_server.url}/v1#teacher"
+    teacher = openai_teacher
     config = tiny_config(
         tmp_path / "b",
         "treward",
