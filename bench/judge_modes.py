@@ -58,9 +58,9 @@ def demo_records(limit: int) -> list[tuple[str, str, str, int]]:
 
 @contextmanager
 def policy_server(model_dir: Path, served: str, max_model_len: int) -> Iterator[str]:
-    """The policy service (vLLM's OpenAI server through `selfreward.services.policy`) on a free port."""
+    """The policy service (vLLM's OpenAI server through `selfreward.policy`) on a free port."""
     from selfreward.config import PolicyServerConfig
-    from selfreward.services.policy.launcher import PolicyServer
+    from selfreward.policy.launcher import PolicyServer
 
     policy = PolicyServerConfig(port=0, max_logprobs=20)
     with PolicyServer(
@@ -117,7 +117,7 @@ def main() -> None:
     else:
         model_dir = args.model_dir
         if model_dir is None:
-            from selfreward.services.policy.prepare import prepare_model
+            from selfreward.policy.prepare import prepare_model
 
             root = Path(os.environ.get("SELFREWARD_ARTIFACT_ROOT", "artifacts"))
             model_dir = prepare_model("smollm2-135m-instruct", root / "cache")

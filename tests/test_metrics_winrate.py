@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from selfreward.errors import EmptyResultError, InputError
-from selfreward.metrics.alpaca import (
+from selfreward.evaluation.metrics.alpaca import (
     AlpacaOutput,
     align_outputs,
     alpaca_win_rate,
@@ -19,7 +19,7 @@ from selfreward.metrics.alpaca import (
     read_outputs,
     write_outputs,
 )
-from selfreward.metrics.winrate import head_to_head
+from selfreward.evaluation.metrics.winrate import head_to_head
 
 
 def sigmoid(x):

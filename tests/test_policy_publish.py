@@ -12,7 +12,7 @@ import pytest
 from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
 from selfreward.errors import InputError
 from selfreward.fingerprint import DEFAULT_TOLERANCE, adapter_sha256
-from selfreward.services.policy.publish import (
+from selfreward.policy.publish import (
     FingerprintMismatch,
     publish_adapter,
     served_fingerprint,

@@ -19,9 +19,9 @@ import pytest
 
 from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
 from selfreward.fingerprint import DEFAULT_TOLERANCE, compare_fingerprints, fingerprint_model_dir
-from selfreward.services.policy.launcher import free_port, tail
-from selfreward.services.policy.prepare import prepare_model, read_prepared_manifest
-from selfreward.services.policy.publish import publish_adapter, served_fingerprint
+from selfreward.policy.launcher import free_port, tail
+from selfreward.policy.prepare import prepare_model, read_prepared_manifest
+from selfreward.policy.publish import publish_adapter, served_fingerprint
 
 pytestmark = pytest.mark.slow
 

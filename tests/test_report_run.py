@@ -10,8 +10,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from selfreward.cli.main import app
-from selfreward.metrics.reward_model import compare_with_human, parse_scored_record
-from selfreward.metrics.winrate import head_to_head
+from selfreward.evaluation.metrics.reward_model import compare_with_human, parse_scored_record
+from selfreward.evaluation.metrics.winrate import head_to_head
 from selfreward.reports.files import write_report
 from selfreward.reports.markdown import iteration_markdown
 from selfreward.reports.plots import metric_trends, win_tie_loss_bars

@@ -12,8 +12,8 @@ import yaml
 
 from selfreward.config import build_config
 from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
-from selfreward.services.trainer import runner
-from selfreward.services.trainer.request import dpo_request, sft_request
+from selfreward.training import runner
+from selfreward.training.request import dpo_request, sft_request
 
 PAIR = {
     "prompt_id": "p0",
@@ -227,7 +227,7 @@ def test_existing_model_from_other_inputs_is_refused(tmp_path: Path, cfg) -> Non
 
 
 def test_trl_arguments_on_cpu(tmp_path: Path, cfg) -> None:
-    from selfreward.services.trainer.arguments import dpo_arguments, sft_arguments
+    from selfreward.training.arguments import dpo_arguments, sft_arguments
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair(0)])
     c = cfg.model_copy(
@@ -236,7 +236,7 @@ def test_trl_arguments_on_cpu(tmp_path: Path, cfg) -> None:
             "training": cfg.training.model_copy(update={"tracker": "wandb", "checkpoint_steps": 7}),
         }
     )
-    from selfreward.services.trainer.arguments import cpu_has_native_bf16
+    from selfreward.training.arguments import cpu_has_native_bf16
 
     args = dpo_arguments(dpo_request(c, pairs=pairs, name="m1"))
     native = cpu_has_native_bf16()
@@ -257,7 +257,7 @@ def test_trl_arguments_on_cpu(tmp_path: Path, cfg) -> None:
 
 
 def test_batch_size_must_divide(tmp_path: Path, cfg) -> None:
-    from selfreward.services.trainer.arguments import dpo_arguments
+    from selfreward.training.arguments import dpo_arguments
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair(0)])
     c = cfg.model_copy(
@@ -273,7 +273,7 @@ def test_precision_on_cpu(cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     """auto: bf16 autocast on CPUs with native bf16, fp32 elsewhere; fp16 needs a GPU."""
     import torch
 
-    from selfreward.services.trainer import arguments
+    from selfreward.training import arguments
 
     training = cfg.training.model_copy(update={"precision": "fp16"})
     with pytest.raises(ConfigError, match="fp16 mixed precision needs a GPU"):
@@ -294,7 +294,7 @@ def test_shipped_accelerate_configs_are_valid() -> None:
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
     from accelerate.commands.launch import launch_command_parser
 
-    from selfreward.services.trainer.launch import CONFIG_DIR, accelerate_config_path, num_processes
+    from selfreward.training.launch import CONFIG_DIR, accelerate_config_path, num_processes
 
     shipped = {p.stem: p for p in CONFIG_DIR.glob("*.yaml")}
     assert {"single_gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "cpu"} <= set(shipped)
@@ -400,7 +400,7 @@ def test_a_job_already_running_elsewhere_is_refused(tmp_path: Path, cfg) -> None
 
 def test_progress_relay_replays_complete_lines_only(tmp_path: Path) -> None:
     from selfreward.progress import Progress
-    from selfreward.services.trainer.launch import ProgressFileSink, ProgressRelay
+    from selfreward.training.launch import ProgressFileSink, ProgressRelay
 
     path = tmp_path / "progress.jsonl"
     child = Progress(ProgressFileSink(path))

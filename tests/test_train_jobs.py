@@ -16,9 +16,9 @@ import pytest
 
 from selfreward.config import RunConfig, build_config
 from selfreward.progress import Progress, ProgressEvent
-from selfreward.services.trainer import runner
-from selfreward.services.trainer.request import dpo_request, sft_request
 from selfreward.storage import sha256_dir
+from selfreward.training import runner
+from selfreward.training.request import dpo_request, sft_request
 
 TOPICS = ["the sea", "photosynthesis", "a new language", "vegetable soup", "Python lists", "sleep"]
 
@@ -242,8 +242,8 @@ def test_dpo_reference_is_the_parent_not_m0(trained: dict[str, Any], tiny_model_
 
 
 def test_manifest_is_complete(trained: dict[str, Any], tiny_model_dir: Path) -> None:
-    from selfreward.services.trainer.arguments import cpu_has_native_bf16
-    from selfreward.services.trainer.request import base_model_sha256
+    from selfreward.training.arguments import cpu_has_native_bf16
+    from selfreward.training.request import base_model_sha256
 
     m1, m2, dpo = trained["m1"], trained["m2"], trained["dpo"]
     precision = "bf16" if cpu_has_native_bf16() else "fp32"  # training.precision auto on CPU

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from test_train_jobs import train_config, write_jsonl, write_pairs, write_seed
 
-from selfreward.services.trainer.jobs import QUEUE, enqueue_dpo, enqueue_sft
+from selfreward.training.jobs import QUEUE, enqueue_dpo, enqueue_sft
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
@@ -34,7 +34,7 @@ def start_worker(redis_url: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "a") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "selfreward.services.trainer.worker", "--redis-url", redis_url],
+            [sys.executable, "-m", "selfreward.drivers.worker", "--redis-url", redis_url],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
@@ -81,8 +81,8 @@ def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
     from rq import Queue
     from safetensors.torch import load_file
 
-    from selfreward.services.trainer import runner
-    from selfreward.services.trainer.request import dpo_request
+    from selfreward.training import runner
+    from selfreward.training.request import dpo_request
 
     queue = Queue(QUEUE, connection=redis_conn)
     config = train_config(tmp_path / "art", tiny_model_dir)

@@ -1,1 +1,0 @@
-"""Services: policy, judge, trainer, coordinator (see docs/architecture.md)."""

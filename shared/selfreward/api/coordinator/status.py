@@ -1,0 +1,177 @@
+"""What the API shows: run summaries and per-iteration stage states, read from the manifests
+(done), RQ (queued, running with progress, retrying, failed) and the coordinator's state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from selfreward.drivers.state import RunNotFound, RunStore
+from selfreward.loop import plan
+from selfreward.storage import RunLayout, read_manifest
+
+RQ_STATE = {
+    "queued": "queued",
+    "deferred": "waiting",
+    "scheduled": "retrying",
+    "started": "running",
+    "finished": "done",
+    "failed": "failed",
+    "stopped": "cancelled",
+    "canceled": "cancelled",
+}
+# manifest keys too bulky for the API
+_BULKY = {"config", "inputs", "outputs"}
+
+
+def _status(job: Job) -> str:
+    status = job.get_status(refresh=True)
+    return str(getattr(status, "value", status))
+
+
+def _job_for(store: RunStore, run_id: str, t: int, stage: str) -> str | None:
+    """The newest job id of stage (t, stage) among the iterations' job chains."""
+    key = f"{t}:{stage}"
+    best: tuple[int, int, str] | None = None
+    for it in store.iterations(run_id):
+        st = store.iteration(run_id, it)
+        if st is not None and key in st.jobs:
+            cand = (st.attempt, it, st.jobs[key])
+            if best is None or cand[:2] > best[:2]:
+                best = cand
+    return best[2] if best else None
+
+
+def stage_states(
+    store: RunStore, conn: redis.Redis, run_id: str, layout: RunLayout, t: int
+) -> list[dict[str, Any]]:
+    out = []
+    for stage in plan.stages_of(t):
+        entry: dict[str, Any] = {"stage": stage, "queue": plan.QUEUE_OF[stage], "state": "pending"}
+        manifest = read_manifest(layout.stage_manifest(t, stage))
+        job_id = _job_for(store, run_id, t, stage)
+        if job_id:
+            entry["job_id"] = job_id
+        if job_id:
+            try:
+                job = Job.fetch(job_id, connection=conn)
+            except NoSuchJobError:
+                job = None
+            if job is not None:
+                status = _status(job)
+                entry["state"] = RQ_STATE.get(status, status)
+                if job.retries_left is not None:
+                    entry["retries_left"] = job.retries_left
+                if "progress" in job.meta:
+                    entry["progress"] = job.meta["progress"]
+                if entry["state"] == "failed":
+                    result = job.latest_result()
+                    if result is not None and result.exc_string:
+                        entry["error"] = result.exc_string.strip().splitlines()[-1][:2000]
+        if manifest is not None:
+            entry["state"] = "done"
+            entry["counts"] = {k: v for k, v in manifest.items() if k not in _BULKY}
+        out.append(entry)
+    return out
+
+
+def chain_status(
+    store: RunStore, conn: redis.Redis, run_id: str, t: int
+) -> tuple[str, str | None, str | None]:
+    """(status, failed stage, error) of iteration t's job chain, from the stored state and RQ.
+
+    A stage job that RQ failed for good (no retries left) fails the iteration even where the
+    failure callback could not run (a work-horse killed on its last attempt).
+    """
+    st = store.iteration(run_id, t)
+    if st is None:
+        return "pending", None, None
+    if st.status in ("done", "cancelled", "failed"):
+        return st.status, st.failed_stage, st.error
+    for key, job_id in st.jobs.items():
+        try:
+            job = Job.fetch(job_id, connection=conn)
+        except NoSuchJobError:
+            continue
+        if _status(job) == "failed":
+            result = job.latest_result()
+            error = result.exc_string.strip().splitlines()[-1] if result and result.exc_string else "failed"
+            return "failed", key.split(":", 1)[1], error
+    return st.status, None, None
+
+
+def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) -> dict[str, Any]:
+    config = store.config(run_id)
+    layout = RunLayout(config.artifact_root, run_id)
+    st = store.iteration(run_id, t)
+    stages = stage_states(store, conn, run_id, layout, t)
+    if st is None and not any(s["state"] == "done" for s in stages) and t != 0:
+        raise RunNotFound(f"iteration {t} of run {run_id!r} was never started")
+    all_done = all(s["state"] == "done" for s in stages)
+    # the set-up (t = 0) runs at the head of iteration 1's chain
+    status, failed_stage, error = chain_status(store, conn, run_id, t if (t > 0 or st is not None) else 1)
+    if all_done:
+        status = "done"
+    if status in ("failed", "cancelled"):
+        for s in stages:  # jobs waiting on a failed or cancelled stage will not run
+            if s["state"] in ("queued", "waiting", "retrying"):
+                s["state"] = "blocked"
+    detail: dict[str, Any] = {
+        "run": run_id,
+        "t": t,
+        "status": status,
+        "model_in": plan.model_name(t) if t > 0 else plan.model_name(0),
+        "model_out": plan.model_name(t + 1),
+        "stages": stages,
+    }
+    if status == "failed":
+        detail.update(error=error, failed_stage=failed_stage)
+    if st is not None:
+        detail.update(
+            started_at=st.started_at,
+            finished_at=st.finished_at,
+            attempt=st.attempt,
+        )
+    pairs = read_manifest(layout.stage_manifest(t, "pairs")) if t > 0 else None
+    if pairs is not None:
+        detail["feedback"] = {k: v for k, v in pairs.items() if k not in _BULKY}
+    evaluation = read_manifest(layout.stage_manifest(t, "evaluate")) if t > 0 else None
+    if evaluation is not None:
+        detail["metrics"] = evaluation.get(
+            "metrics", {k: v for k, v in evaluation.items() if k not in _BULKY}
+        )
+    return detail
+
+
+def run_summary(store: RunStore, conn: redis.Redis, run_id: str, brief: bool = False) -> dict[str, Any]:
+    config = store.config(run_id)
+    meta = store.run_meta(run_id)
+    layout = RunLayout(config.artifact_root, run_id)
+    iterations = []
+    for t in sorted(set(store.iterations(run_id)) | {0}):
+        done = plan.iteration_done(layout, t)
+        status = "done" if done else chain_status(store, conn, run_id, t if t > 0 else 1)[0]
+        iterations.append({"t": t, "status": status})
+    summary: dict[str, Any] = {
+        "run": run_id,
+        "variant": config.variant,
+        "base_model": config.model.base,
+        "created_at": meta["created_at"],
+        "cancelled": meta["cancelled"],
+        "completed_iterations": max(0, plan.completed_iterations(layout)),
+        "iterations": iterations,
+        "artifacts": str(layout.run_dir),
+    }
+    if not brief:
+        summary["config"] = config.model_dump(mode="json")
+        models = []
+        for t in range(0, plan.completed_iterations(layout) + 2):
+            try:
+                models.append({"model": plan.model_name(t), "served_name": plan.served_name(layout, t)})
+            except LookupError:
+                break
+        summary["models"] = models
+    return summary

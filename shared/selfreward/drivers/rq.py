@@ -1,0 +1,173 @@
+"""RQ jobs of the distributed mode: one job per stage, chained with `depends_on`.
+
+`enqueue_iteration` puts the unfinished stages of the set-up (iteration 0) and of iteration t
+on their queues (plan.QUEUE_OF), each depending on the previous one, with RQ retries and
+backoff. Each job runs `run_stage_job`, which executes the same stage function as the
+embedded mode (selfreward.loop.runner.execute_stage) against the services named in the run
+config. Stages resume from their last written record, so a retried job after a worker crash
+continues where the dead one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import traceback
+from typing import Any
+
+import redis
+from rq import Callback, Queue, Retry, get_current_job
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from selfreward.drivers.state import IterationState, RunStore
+from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
+from selfreward.loop import plan
+from selfreward.progress import Progress, rq_meta_sink
+from selfreward.storage import RunLayout, sha256_text
+
+STAGE_TIMEOUT_S = {"sft": 24 * 3600, "train": 24 * 3600, "prepare": 4 * 3600}
+DEFAULT_TIMEOUT_S = 6 * 3600
+# errors a retry cannot fix: the stage fails at once (fix the cause, then resume the iteration)
+NOT_RETRIED = (ConfigError, InputError, EmptyResultError)
+
+
+def _job_id(run_id: str, t: int, stage_t: int, stage: str, attempt: int) -> str:
+    """RQ job ids allow letters, digits, '_' and '-': run names may hold dots, so they get a hash."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", run_id)
+    if safe != run_id:
+        safe += "_" + sha256_text(run_id)[:8]
+    return f"{safe}-it{t}-a{attempt}-{stage_t}-{stage}"
+
+
+def chain_of(layout: RunLayout, t: int) -> list[tuple[int, str]]:
+    """(iteration, stage) pairs still to run to finish iteration t, in order."""
+    chain: list[tuple[int, str]] = []
+    for tt in sorted({0, t}):
+        chain += [(tt, s) for s in plan.stages_of(tt) if not plan.is_done(layout, tt, s)]
+    return chain
+
+
+def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -> IterationState:
+    """Enqueue what is left of iteration t (idempotent: a live chain is not enqueued twice)."""
+    config = store.config(run_id)
+    layout = RunLayout(config.artifact_root, run_id)
+    previous = store.iteration(run_id, t)
+    attempt = (previous.attempt + 1) if previous else 0
+    if previous is not None:  # a resumed chain replaces the old one: its waiting jobs must not run
+        for old_id in previous.jobs.values():
+            with contextlib.suppress(NoSuchJobError, InvalidJobOperation):
+                old = Job.fetch(old_id, connection=conn)
+                if old.get_status(refresh=True) in (
+                    JobStatus.DEFERRED,
+                    JobStatus.QUEUED,
+                    JobStatus.SCHEDULED,
+                ):
+                    old.cancel()
+    intervals = config.services.stage_retry_intervals_s
+    jobs: dict[str, str] = {}
+    prev_job: Job | None = None
+    chain = chain_of(layout, t)
+    for stage_t, stage in chain:
+        queue = Queue(plan.QUEUE_OF[stage], connection=conn)
+        job = queue.enqueue(
+            "selfreward.drivers.rq.run_stage_job",
+            run_id,
+            t,
+            stage_t,
+            stage,
+            job_id=_job_id(run_id, t, stage_t, stage, attempt),
+            depends_on=prev_job,
+            retry=Retry(max=len(intervals), interval=intervals) if intervals else None,
+            job_timeout=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S),
+            result_ttl=7 * 24 * 3600,
+            failure_ttl=30 * 24 * 3600,
+            on_failure=Callback(on_stage_failure),
+            description=f"{run_id} iteration {t}: {stage} (iter-{stage_t})",
+            meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": stage},
+        )
+        jobs[f"{stage_t}:{stage}"] = job.id
+        prev_job = job
+    state = IterationState(
+        t=t,
+        status="queued" if chain else "done",
+        jobs=jobs,
+        error=None,
+        failed_stage=None,
+        started_at=time.time(),
+        finished_at=None if chain else time.time(),
+        attempt=attempt,
+    )
+    store.save_iteration(run_id, state)
+    return state
+
+
+def cancel_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -> None:
+    state = store.iteration(run_id, t)
+    if state is None:
+        return
+    for job_id in state.jobs.values():
+        try:
+            job = Job.fetch(job_id, connection=conn)
+        except NoSuchJobError:
+            continue
+        status = job.get_status(refresh=True)
+        if status == JobStatus.STARTED:
+            with contextlib.suppress(InvalidJobOperation):
+                send_stop_job_command(conn, job_id)
+        elif status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            job.cancel()
+    if state.status in ("queued", "running"):
+        store.update_iteration(run_id, t, status="cancelled", finished_at=time.time())
+
+
+# ---------------------------------------------------------------- the job itself
+
+
+def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, Any]:
+    from selfreward.loop.runner import StageContext, execute_stage
+
+    job = get_current_job()
+    assert job is not None, "run_stage_job runs inside an RQ worker"
+    store = RunStore(job.connection)
+    if store.run_meta(run_id)["cancelled"]:
+        raise RuntimeError(f"run {run_id!r} was cancelled")
+    config = store.config(run_id)
+    store.update_iteration(run_id, t, status="running")
+    ctx = StageContext(
+        config=config,
+        layout=RunLayout(config.artifact_root, run_id),
+        t=stage_t,
+        progress=Progress(rq_meta_sink(job)),
+    )
+    manifest = execute_stage(ctx, stage)
+    last = chain_of(ctx.layout, t) == []
+    if last:
+        store.update_iteration(run_id, t, status="done", finished_at=time.time())
+    return {"stage": stage, "iteration": stage_t, "manifest": manifest}
+
+
+def on_stage_failure(job: Job, connection: redis.Redis, exc_type: Any, exc: BaseException, tb: Any) -> None:
+    """Mark the iteration failed once the stage has no retries left (RQ calls this on every failure).
+
+    Bad input and bad configuration are not retried: RQ reads `retries_left` after this callback.
+    """
+    cause = exc.__cause__ if isinstance(exc, StageError) and exc.__cause__ is not None else exc
+    if isinstance(cause, NOT_RETRIED):
+        job.retries_left = 0
+    if job.should_retry:
+        return
+    meta = job.meta
+    message = f"{type(exc).__name__}: {exc}" if exc is not None else "failed"
+    if tb is not None:
+        message += "\n" + "".join(traceback.format_tb(tb)[-3:])
+    RunStore(connection).update_iteration(
+        meta["run"],
+        meta["t"],
+        status="failed",
+        failed_stage=meta["stage"],
+        error=message[:4000],
+        finished_at=time.time(),
+    )

@@ -1,0 +1,90 @@
+"""Head-to-head evaluation: both models answer the same prompts, a judge compares each pair in
+both orders (`Judge.compare`), and win/tie/loss with bootstrap intervals is reported."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from selfreward.clients.openai_compat import OpenAICompatClient
+from selfreward.evaluation.answers import AnswerSide, GenerationSettings, collect_answers, safe_name
+from selfreward.evaluation.metrics.winrate import head_to_head
+from selfreward.evaluation.pairwise import PairItem, PairJudge, judge_pairs
+from selfreward.evaluation.prompt_sets import EvalPrompt
+from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.reports.files import write_report
+from selfreward.reports.markdown import head2head_markdown
+from selfreward.reports.plots import win_tie_loss_bars
+
+
+async def run_head2head(
+    a: AnswerSide,
+    b: AnswerSide,
+    prompts: Sequence[EvalPrompt],
+    *,
+    judge: PairJudge,
+    judge_name: str,
+    client: OpenAICompatClient | None,
+    work_dir: Path,
+    answers_dir: Path | None = None,
+    settings: GenerationSettings = GenerationSettings(),
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    prompts_spec: str | None = None,
+    progress: Progress = NULL_PROGRESS,
+) -> dict[str, Any]:
+    """Head-to-head data (report.json content): A's win/tie/loss against B, answer lengths, settings.
+
+    Generated answers are kept in `answers_dir` (default `work_dir`), verdicts in
+    `work_dir/verdicts-<a>-vs-<b>.jsonl`; both are resumable.
+    """
+    answers_dir = answers_dir or work_dir
+    answers_a = await collect_answers(
+        a, prompts, client=client, store_dir=answers_dir, settings=settings, progress=progress
+    )
+    answers_b = await collect_answers(
+        b, prompts, client=client, store_dir=answers_dir, settings=settings, progress=progress
+    )
+    items = [PairItem(p.id, p.instruction, answers_a[p.id], answers_b[p.id]) for p in prompts]
+    verdicts = await judge_pairs(
+        judge,
+        items,
+        judge_name=judge_name,
+        store_path=work_dir / f"verdicts-{safe_name(a.name)}-vs-{safe_name(b.name)}.jsonl",
+        progress=progress,
+        task_name=f"judging {a.name} vs {b.name}",
+    )
+    result = head_to_head(
+        [v["preference"] for v in verdicts],
+        a=a.name,
+        b=b.name,
+        bootstrap_samples=bootstrap_samples,
+        seed=seed,
+    )
+    n = len(items)
+    return {
+        "kind": "head2head",
+        **result.to_json(),
+        "judge": judge_name,
+        "prompts": prompts_spec,
+        "prompt_count": n,
+        "identical_answers": sum(1 for it in items if it.identical),
+        "mean_answer_chars": {
+            a.name: sum(len(it.output_a) for it in items) / n,
+            b.name: sum(len(it.output_b) for it in items) / n,
+        },
+        "sources": {a.name: str(a.file or "generated"), b.name: str(b.file or "generated")},
+        "generation": {
+            "max_tokens": settings.max_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "seed": settings.seed,
+        },
+    }
+
+
+def head2head_report(out_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
+    """Write report.json, report.md and win_tie_loss.png for one head-to-head."""
+    md = "# Head-to-head evaluation\n\n" + head2head_markdown(data) + "\n![win/tie/loss](win_tie_loss.png)\n"
+    return write_report(out_dir, data, md, {"win_tie_loss.png": win_tie_loss_bars([data])})

@@ -1,0 +1,207 @@
+"""The coordinator's evaluate stage: after iteration t trained and published M(t+1).
+
+`evaluate_iteration` (async) writes `runs/<run>/eval/iter-<t>/`:
+- head-to-head of the new model against the baseline on `eval.prompts` (both answer with the
+  same settings; `eval.judge` compares each pair in both orders), unless no baseline is given;
+- reward-modeling ability of the new model as a judge (`rm_judge`, normally
+  `policy:<new model>`) against the human ranks of the run's EFT-eval split, when
+  `eval.reward_model` is true;
+- report.json (machine-readable), report.md, and plots: win_tie_loss.png, rm_scores.png
+  (the judge's scores of human-best vs other replies), trends.png (metrics of every
+  evaluated model of the run so far).
+
+Answers are kept per model in `eval/answers/` (a baseline's answers are generated once per
+run and settings), verdicts and EFT scores in the iteration's folder, all resumable.
+
+`run_evaluate_stage` is the synchronous entry point for a worker: it builds the judges
+(`selfreward.judging.make_run_judge`) and the policy client from the config, runs the above,
+and closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from selfreward.clients.openai_compat import OpenAICompatClient
+from selfreward.config import RunConfig
+from selfreward.evaluation.answers import AnswerSide, GenerationSettings, safe_name
+from selfreward.evaluation.head2head import run_head2head
+from selfreward.evaluation.metrics.reward_model import compare_with_human, read_scores
+from selfreward.evaluation.pairwise import PairJudge
+from selfreward.evaluation.prompt_sets import load_prompt_set, seeded_subset
+from selfreward.evaluation.reward_model import ScoreJudge, reward_model_plot, score_eft
+from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.reports.files import write_report
+from selfreward.reports.markdown import iteration_markdown
+from selfreward.reports.plots import metric_trends, win_tie_loss_bars
+from selfreward.reports.trends import eval_dir, iteration_reports, trend_series
+from selfreward.schemas import EFTEvalRecord, read_records
+from selfreward.storage import RunLayout
+
+
+def eval_judge_spec(config: RunConfig) -> str:
+    """The evaluation judge: eval.judge, else the teacher, else the model itself (policy:self)."""
+    return config.eval.judge or config.teacher.backend or "policy:self"
+
+
+def generation_settings(config: RunConfig) -> GenerationSettings:
+    return GenerationSettings(
+        max_tokens=config.eval.max_tokens,
+        temperature=config.eval.temperature,
+        top_p=config.eval.top_p,
+        seed=config.request_seed(config.seed),
+    )
+
+
+def summary_metrics(data: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of an iteration's evaluation, flat (for the stage manifest and status)."""
+    out: dict[str, Any] = {}
+    h = data.get("head2head")
+    if h:
+        out.update(
+            win_rate=h["win_rate"],
+            win_rate_ci=h["intervals"]["win_rate"],
+            wins=h["wins"],
+            ties=h["ties"],
+            losses=h["losses"],
+            judge_failures=h["failures"],
+            prompts=h["n"],
+        )
+    rm = data.get("reward_model")
+    if rm:
+        out.update(
+            rm_pairwise_accuracy=rm["pairwise_accuracy"],
+            rm_exact_match=rm["exact_match"],
+            rm_five_best=rm["five_best"],
+            rm_spearman=rm["spearman"],
+            rm_kendall_tau=rm["kendall_tau"],
+            rm_parse_failure_rate=rm["parse_failure_rate"],
+        )
+    return out
+
+
+async def evaluate_iteration(
+    config: RunConfig,
+    layout: RunLayout,
+    t: int,
+    new_model: str,
+    baseline_model: str | None,
+    judge: PairJudge | None,
+    client: OpenAICompatClient,
+    progress: Progress = NULL_PROGRESS,
+    *,
+    judge_name: str | None = None,
+    rm_judge: ScoreJudge | None = None,
+    rm_judge_name: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate M(t+1) = `new_model` (served name) after iteration t; returns report.json's data."""
+    out = eval_dir(layout, t)
+    out.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {
+        "kind": "iteration",
+        "run": layout.run,
+        "iteration": t,
+        "model": new_model,
+        "baseline": baseline_model,
+        "judge": judge_name or getattr(judge, "name", None) or eval_judge_spec(config),
+        "prompts": config.eval.prompts,
+        "head2head": None,
+        "reward_model": None,
+    }
+    plots: dict[str, bytes] = {}
+    if baseline_model is not None and judge is not None:
+        prompts = load_prompt_set(
+            config.eval.prompts,
+            seed_dir=layout.seed_dir,
+            max_prompts=config.eval.max_prompts,
+            seed=config.seed,
+        )
+        h2h = await run_head2head(
+            AnswerSide(new_model),
+            AnswerSide(baseline_model),
+            prompts,
+            judge=judge,
+            judge_name=data["judge"],
+            client=client,
+            work_dir=out,
+            answers_dir=layout.eval_dir / "answers",
+            settings=generation_settings(config),
+            bootstrap_samples=config.eval.bootstrap_samples,
+            seed=config.seed,
+            prompts_spec=config.eval.prompts,
+            progress=progress,
+        )
+        data["head2head"] = h2h
+        plots["win_tie_loss.png"] = win_tie_loss_bars([h2h], f"{new_model} vs {baseline_model}")
+    if config.eval.reward_model and rm_judge is not None:
+        eft_path = layout.seed_dir / "eft_eval.jsonl"
+        records = seeded_subset(read_records(eft_path, EFTEvalRecord), config.eval.max_prompts, config.seed)
+        name = rm_judge_name or getattr(rm_judge, "name", None) or f"policy:{new_model}"
+        scored = await score_eft(
+            rm_judge,
+            records,
+            judge_name=name,
+            out_path=out / f"rm-scores-{safe_name(name)}.jsonl",
+            progress=progress,
+        )
+        report = compare_with_human(
+            read_scores(scored.path), records, scores_path=str(scored.path), reference_path=str(eft_path)
+        )
+        data["reward_model"] = {"judge": name, **report.to_json(), "retry_later": scored.retry_later}
+        plots["rm_scores.png"] = reward_model_plot(report)
+    data["metrics"] = summary_metrics(data)
+    previous = [r for r in iteration_reports(layout) if r.get("iteration") != t]
+    labels, series = trend_series([*previous, data])
+    if series:
+        plots["trends.png"] = metric_trends(labels, series, f"Run {layout.run}: metrics by model")
+    write_report(out, data, iteration_markdown({**data, "plots": sorted(plots)}), plots)
+    return data
+
+
+def run_evaluate_stage(
+    config: RunConfig,
+    layout: RunLayout,
+    t: int,
+    new_model: str,
+    baseline_model: str | None,
+    progress: Progress = NULL_PROGRESS,
+    *,
+    policy_url: str | None = None,
+    redis_url: str | None = None,
+) -> dict[str, Any]:
+    """Synchronous evaluate stage: builds the judges and the policy client, evaluates, closes them."""
+    from selfreward.judging import make_run_judge
+
+    url = policy_url or config.services.policy_url
+
+    async def go() -> dict[str, Any]:
+        client = OpenAICompatClient(
+            url, concurrency=config.services.concurrency, timeout_s=config.services.request_timeout_s
+        )
+        spec = eval_judge_spec(config)
+        judge = make_run_judge(spec, config, policy_url=url, self_model=new_model, redis_url=redis_url)
+        rm_judge = None
+        if config.eval.reward_model:
+            rm_judge = make_run_judge(f"policy:{new_model}", config, policy_url=url, redis_url=redis_url)
+        try:
+            return await evaluate_iteration(
+                config,
+                layout,
+                t,
+                new_model,
+                baseline_model,
+                judge,
+                client,
+                progress,
+                judge_name=judge.name,
+                rm_judge=rm_judge,
+                rm_judge_name=rm_judge.name if rm_judge is not None else None,
+            )
+        finally:
+            await judge.aclose()
+            if rm_judge is not None:
+                await rm_judge.aclose()
+            await client.aclose()
+
+    return asyncio.run(go())

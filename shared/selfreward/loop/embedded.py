@@ -1,0 +1,153 @@
+"""The embedded mode: a whole run on one machine, in this process, with a vLLM server it starts.
+
+`run_embedded(config)` executes the set-up (iteration 0) and iterations 1..config.iterations
+with the same stage functions the coordinator's RQ jobs run (selfreward.loop.runner). It
+starts the policy server (selfreward.policy.PolicyServer) on the prepared base model
+when the first stage needs it, with every adapter already published by this run, and stops it
+at the end. Finished stages are skipped (their manifests exist), so running the same command
+again after a crash or Ctrl-C resumes at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from selfreward.config import RunConfig, dump_config
+from selfreward.errors import ConfigError
+from selfreward.loop import plan
+from selfreward.loop.runner import StageContext, execute_stage
+from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.storage import RunLayout, atomic_write_text, read_manifest
+
+# stages that talk to the policy server in the embedded mode
+NEEDS_POLICY = {"publish", "prompts", "candidates", "judgments", "evaluate"}
+# fields that may differ between two invocations of the same run (where, not what)
+LOCATION_FIELDS = ("artifact_root",)
+
+
+@dataclass
+class StageOutcome:
+    t: int
+    stage: str
+    status: str  # "ran" | "done before"
+    seconds: float
+    manifest: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def check_run_config(layout: RunLayout, config: RunConfig) -> None:
+    """Write runs/<run>/config.yaml, or check that a resumed run has the same config."""
+    text = dump_config(config)
+    if layout.config_path.is_file():
+        old = yaml.safe_load(layout.config_path.read_text(encoding="utf-8")) or {}
+        new = yaml.safe_load(text)
+        for f in LOCATION_FIELDS:
+            old.pop(f, None)
+            new.pop(f, None)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(
+                [
+                    f"run {config.name!r} already exists in {layout.run_dir} with another config "
+                    f"(sections that differ: {', '.join(changed)}); resume it with the same config, "
+                    "or give this one another name"
+                ],
+                str(layout.config_path),
+            )
+        return
+    atomic_write_text(layout.config_path, text)
+
+
+def published_adapters(layout: RunLayout) -> list[Any]:
+    """Adapters published by earlier (finished) publish stages, to serve from the start."""
+    from selfreward.policy.launcher import Adapter
+
+    out = []
+    t = 0
+    while (m := read_manifest(layout.stage_manifest(t, "publish"))) is not None:
+        out.append(Adapter(m["served_name"], layout.model_dir(plan.model_name(t + 1)).resolve()))
+        t += 1
+    return out
+
+
+def run_embedded(
+    config: RunConfig,
+    progress: Progress = NULL_PROGRESS,
+    *,
+    iterations: int | None = None,
+    policy_url: str | None = None,
+    on_stage: Callable[[StageOutcome], None] | None = None,
+) -> RunResult:
+    """Run the set-up and iterations 1..`iterations` (default config.iterations) to completion.
+
+    `policy_url`: use that running policy server (serving the base model as
+    model.served_name, LoRA enabled) instead of starting one.
+    """
+    from selfreward.policy.launcher import PolicyServer
+    from selfreward.policy.prepare import prepare_model
+
+    layout = RunLayout(config.artifact_root, config.name)
+    check_run_config(layout, config)
+    last = config.iterations if iterations is None else iterations
+    result = RunResult(str(layout.run_dir))
+    started = time.time()
+    with contextlib.ExitStack() as stack:
+        server: PolicyServer | None = None
+
+        def server_url() -> str:
+            nonlocal server
+            if policy_url is not None:
+                return policy_url
+            if server is None:
+                base = prepare_model(
+                    config.model.base,
+                    layout.cache_dir,
+                    chat_template=config.model.chat_template,
+                    progress=progress,
+                )
+                task = progress.task("start policy server (vLLM)", None)
+                server = PolicyServer(
+                    base,
+                    served_name=config.model.served_name,
+                    policy=config.policy,
+                    max_model_len=config.model.max_model_len,
+                    adapters=published_adapters(layout),
+                    log_dir=layout.logs_dir / "policy",
+                )
+                stack.enter_context(server)
+                task.close()
+            return server.url
+
+        for t in range(0, last + 1):
+            for stage in plan.stages_of(t):
+                done = read_manifest(layout.stage_manifest(t, stage))
+                if done is not None:
+                    outcome = StageOutcome(t, stage, "done before", float(done.get("seconds", 0.0)), done)
+                else:
+                    needs = stage in NEEDS_POLICY or (
+                        stage == "prepare"
+                        and config.data.eft_targets == "judge-filtered"
+                        and (config.data.eft_judge or "").startswith("policy:")
+                    )
+                    url = server_url() if needs else policy_url
+                    ctx = StageContext(config, layout, t, progress, policy_url=url)
+                    t0 = time.time()
+                    manifest = execute_stage(ctx, stage)
+                    outcome = StageOutcome(t, stage, "ran", time.time() - t0, manifest)
+                result.outcomes.append(outcome)
+                if on_stage is not None:
+                    on_stage(outcome)
+    result.seconds = time.time() - started
+    return result

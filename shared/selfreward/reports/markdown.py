@@ -1,0 +1,183 @@
+"""Markdown of each evaluation, from its report.json data (so a report can be re-rendered)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from selfreward.evaluation.metrics.alpaca import LC_LABEL
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def interval(iv: Sequence[float] | None) -> str:
+    return "n/a" if not iv else f"[{pct(iv[0])}, {pct(iv[1])}]"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+REFERENCE_ROWS = [
+    ("pairwise accuracy (score equals the reference's)", "pairwise_accuracy", pct),
+    ("5-best (judge 5, reference 5)", "five_best", pct),
+    ("exact match (all scores of a prompt equal)", "exact_match", pct),
+    ("Spearman (pooled)", "spearman", num),
+    ("Kendall tau-b (pooled)", "kendall_tau", num),
+    ("responses", "responses", str),
+    ("prompts", "prompts", str),
+]
+HUMAN_ROWS = [
+    ("pairwise accuracy (judge ties = disagreement)", "pairwise_accuracy", pct),
+    ("pairwise accuracy (judge ties = half)", "pairwise_accuracy_ties_half", pct),
+    ("5-best (judge 5, human best)", "five_best", pct),
+    ("exact match (judge order = human order)", "exact_match", pct),
+    ("Spearman (mean per prompt)", "spearman", num),
+    ("Kendall tau-b (mean per prompt)", "kendall_tau", num),
+    ("Spearman (pooled)", "spearman_pooled", num),
+    ("Kendall tau-b (pooled)", "kendall_tau_pooled", num),
+    ("human-ordered pairs", "pairs", str),
+    ("judge ties among them", "judge_ties", str),
+    ("responses", "responses", str),
+    ("prompts with correlation defined / undefined", "correlation_prompts", str),
+]
+
+
+def reward_model_markdown(data: Mapping[str, Any], heading: str = "## Reward-modeling ability") -> str:
+    human = data["reference"] == "human-ranks"
+    rows_spec = HUMAN_ROWS if human else REFERENCE_ROWS
+    ex = data["excluding_unparseable"]
+    rows = []
+    for label, key, fmt in rows_spec:
+        if key == "correlation_prompts":
+            rows.append(
+                [
+                    label,
+                    f"{data[key]} / {data['correlation_undefined_prompts']}",
+                    f"{ex[key]} / {ex['correlation_undefined_prompts']}",
+                ]
+            )
+        else:
+            rows.append([label, fmt(data[key]), fmt(ex[key])])
+    against = "human ranks" if human else "a reference judge's scores"
+    parts = [
+        heading,
+        "",
+        f"Judge scores (`{data.get('scores_path') or 'scores'}`) against {against} "
+        f"(`{data.get('reference_path') or 'reference'}`).",
+        "",
+        table(["metric", "all scores (unparseable = -1)", "excluding unparseable"], rows),
+        "",
+        f"- parse-failure rate of the judge: {pct(data['parse_failure_rate'])} "
+        f"({data['parse_failures']} of {data['responses_compared']} responses)",
+    ]
+    if not human:
+        parts.append(
+            f"- parse-failure rate of the reference: {pct(data.get('reference_parse_failure_rate'))}"
+        )
+    parts.append(
+        f"- prompts compared: {data['prompts_compared']}; only in the scores: {data['prompts_only_in_scores']}; "
+        f"only in the reference: {data['prompts_only_in_reference']}"
+    )
+    if data["responses_only_in_scores"] or data["responses_only_in_reference"]:
+        parts.append(
+            f"- responses not compared: {data['responses_only_in_scores']} only in the scores, "
+            f"{data['responses_only_in_reference']} only in the reference"
+        )
+    for key, side in (("prompt_ids_only_in_scores", "scores"), ("prompt_ids_only_in_reference", "reference")):
+        ids = data.get(key) or []
+        if ids:
+            shown = ", ".join(f"`{i}`" for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
+            parts.append(f"- prompt ids only in the {side}: {shown}")
+    return "\n".join(parts) + "\n"
+
+
+def head2head_markdown(data: Mapping[str, Any], heading: str = "## Head-to-head") -> str:
+    iv = data["intervals"]
+    conf = f"{data.get('confidence', 0.95):.0%}"
+    rows = [
+        ["win", pct(data["win"]), interval(iv["win"]), str(data["wins"])],
+        ["tie", pct(data["tie"]), interval(iv["tie"]), str(data["ties"])],
+        ["loss", pct(data["loss"]), interval(iv["loss"]), str(data["losses"])],
+        ["win rate (wins + ties/2)", pct(data["win_rate"]), interval(iv["win_rate"]), ""],
+    ]
+    parts = [
+        heading,
+        "",
+        f"`{data['a']}` (A) against `{data['b']}` (B) on {data['n']} prompts"
+        + (f" from `{data['prompts']}`" if data.get("prompts") else "")
+        + (f", judged by `{data['judge']}` in both orders" if data.get("judge") else "")
+        + ". A disagreement between the two orders is a tie; identical answers are ties.",
+        "",
+        table(["outcome", "share", f"{conf} interval", "prompts"], rows),
+        "",
+        f"- judging failed on {data['failures']} prompt(s) (excluded); intervals: percentile bootstrap, "
+        f"{data['bootstrap_samples']} resamples, seed {data['seed']}",
+    ]
+    lengths = data.get("mean_answer_chars") or {}
+    if lengths:
+        parts.append(
+            "- mean answer length: " + ", ".join(f"`{k}` {v:.0f} characters" for k, v in lengths.items())
+        )
+    return "\n".join(parts) + "\n"
+
+
+def alpaca_markdown(data: Mapping[str, Any], heading: str = "## AlpacaEval-style win rate") -> str:
+    parts = [heading, ""]
+    parts.append(
+        f"Outputs of `{data['generator']}` on {data['instructions']} instructions, in AlpacaEval's format: "
+        f"`{data['model_outputs']}` (run the official tool: "
+        f"`alpaca_eval --model_outputs {data['model_outputs']}`)."
+    )
+    wr = data.get("win_rate")
+    if wr is not None:
+        lc = data.get("length_controlled") or {}
+        wtl = data.get("win_tie_loss") or {}
+        ci = interval((wtl.get("intervals") or {}).get("win_rate"))
+        rows = [
+            ["win rate", pct(wr["win_rate"]), pct(wr["standard_error"]), ci],
+            [lc.get("label", LC_LABEL), pct(lc.get("win_rate")), "", ""],
+        ]
+        parts += [
+            "",
+            f"Against `{data['reference_generator']}` (`{data['reference']}`), judged by `{data['judge']}` "
+            "in both orders; identical outputs count half.",
+            "",
+            table(["metric", "value", "standard error", "95% bootstrap interval"], rows),
+            "",
+            f"- wins {wr['n_wins']}, draws {wr['n_draws']} ({wr['n_identical']} identical), losses "
+            f"{wr['n_losses']}, judging failed {wr['failures']}",
+            f"- instructions only in the model outputs: {data['only_in_model']}; only in the reference: "
+            f"{data['only_in_reference']}",
+        ]
+        if lc:
+            coef = ", ".join(f"{k} = {v:.3f}" for k, v in lc["coefficients"].items())
+            parts.append(
+                f"- length-controlled fit: {coef}; length sd {lc['length_sd']:.1f} characters; "
+                f"L2 {lc['l2']}; converged: {lc['converged']}"
+            )
+    return "\n".join(parts) + "\n"
+
+
+def iteration_markdown(data: Mapping[str, Any]) -> str:
+    parts = [
+        f"# Evaluation of {data['model']} (run {data['run']}, iteration {data['iteration']})",
+        "",
+        f"Evaluation judge: `{data.get('judge')}`; prompts: `{data.get('prompts')}`.",
+        "",
+    ]
+    if data.get("head2head"):
+        parts.append(head2head_markdown(data["head2head"]))
+    if data.get("reward_model"):
+        parts.append(reward_model_markdown(data["reward_model"], "## Reward-modeling ability (EFT eval)"))
+    for name in data.get("plots", []):
+        parts.append(f"![{name}]({name})\n")
+    return "\n".join(parts)
