@@ -64,8 +64,8 @@ PROMPTS = [
 def run_vllm(
     model_dir: Path, prompts: list[str], samples: int, tokens: int, concurrency: int
 ) -> dict[str, Any]:
-    from selfreward.clients.openai_compat import OpenAICompatClient
     from selfreward.config import PolicyServerConfig
+    from selfreward.llm.openai import OpenAICompatClient
     from selfreward.policy.launcher import PolicyServer
 
     log_dir = Path(os.environ.get("SELFREWARD_ARTIFACT_ROOT", "artifacts")) / "logs" / "bench"

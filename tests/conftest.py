@@ -95,7 +95,7 @@ def openai_teacher(policy_server, tiny_lora_dir: Path) -> str:  # policy_server:
     `openai:<url>/v1#teacher`."""
     import asyncio
 
-    from selfreward.clients.openai_compat import OpenAICompatClient
+    from selfreward.llm.openai import OpenAICompatClient
 
     async def load() -> None:
         async with OpenAICompatClient(policy_server.url) as client:

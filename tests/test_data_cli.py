@@ -176,7 +176,8 @@ def test_judge_filtered_targets_in_a_runs_prepare_stage(
     """Stage 0 of a run (the loop's `prepare`) builds the same judge from the run config and writes
     the same judge-filtered EFT targets as the CLI."""
     from selfreward.config import RunConfig
-    from selfreward.loop.runner import StageContext, execute_stage
+    from selfreward.stages.plan import stage_named
+    from selfreward.stages.stage import StageContext, run_stage
     from selfreward.storage import RunLayout
     from selfreward.testing.fake_gemini import fake_gemini
 
@@ -198,7 +199,7 @@ def test_judge_filtered_targets_in_a_runs_prepare_stage(
             }
         )
         layout = RunLayout(config.artifact_root, config.name)
-        manifest = execute_stage(StageContext(config, layout, 0), "prepare")
+        manifest = run_stage(StageContext(config, layout, 0), stage_named("prepare"))
         assert fake.calls == GEMINI_EFT_CALLS and all(r.key_ok for r in fake.requests)
     assert manifest["seed_counts"]["eft_train"] == 7
     seed = json.loads((layout.seed_dir / "manifest.json").read_text())

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.config import JudgeConfig, RunConfig, TeacherConfig
 from selfreward.evaluation.iteration import evaluate_iteration
 from selfreward.judging import make_judge
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.reports.run_report import build_run_report
 from selfreward.storage import RunLayout, load_jsonl
 from selfreward.testing.fake_gemini import FakeGemini, fake_gemini

@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from selfreward.cli.main import app
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.config import JudgeConfig, RunConfig, TeacherConfig
 from selfreward.evaluation.iteration import evaluate_iteration
 from selfreward.judging import make_judge
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.storage import RunLayout, load_jsonl
 from selfreward.testing.fake_gemini import FakeGemini, fake_gemini
 

@@ -13,13 +13,12 @@ from selfreward.judging import (
     cache_key,
     expected_score,
     parse_score,
-    parse_spec,
     parse_winner,
 )
 from selfreward.judging.judge import CompareResult, PairVerdict, _preference, score_regex
 from selfreward.judging.parsing import label_distribution, score_position
-from selfreward.judging.specs import resolve_api_key
 from selfreward.judging.truncation import cut_text, shrink_for_overflow, truncate_chars
+from selfreward.llm.specs import parse_spec, resolve_api_key
 from selfreward.prompts import load_template
 
 

@@ -188,7 +188,7 @@ def test_a_served_lora_adapter_judges_by_name(
     """Self-reward with M(t) = an adapter: policy:self resolves to the adapter's served name."""
     import uuid
 
-    from selfreward.clients.openai_compat import OpenAICompatClient
+    from selfreward.llm.openai import OpenAICompatClient
 
     url, _, templates = policy
     name = f"judge-lora-{uuid.uuid4().hex[:8]}"

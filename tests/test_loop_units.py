@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 
 from selfreward.config import PromptsConfig
-from selfreward.loop.dedup import NearDuplicateIndex, rouge_l, tokens
-from selfreward.loop.pairs_stage import demonstration_pairs, reward_pairs, score_histogram
-from selfreward.loop.prompts_stage import derived_seed, extract_task, judge_task
+from selfreward.dedup import NearDuplicateIndex, rouge_l, tokens
 from selfreward.schemas import CandidateRecord, JudgmentRecord, Verdict
+from selfreward.stages.pairs import demonstration_pairs, reward_pairs, score_histogram
+from selfreward.stages.prompts import derived_seed, extract_task, judge_task
 
 
 def test_rouge_l_hand_computed() -> None:

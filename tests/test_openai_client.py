@@ -5,6 +5,7 @@ the real vLLM server in test_policy_server.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from selfreward.clients.openai_compat import HTTPStatusError, OpenAICompatClient, run_sync
 from selfreward.errors import ServiceError
+from selfreward.llm.openai import OpenAICompatClient
+from selfreward.llm.retry import HTTPStatusError
 from selfreward.testing.servers import free_port
 
 COMPLETION = {"model": "m", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}], "usage": {}}
@@ -89,7 +91,7 @@ def test_5xx_then_success_is_retried(scripted: tuple[str, Script]) -> None:
         ) as c:
             return await c.complete("m", "hi", max_tokens=2, seed=1)
 
-    gen = run_sync(go())
+    gen = asyncio.run(go())
     assert gen.choices[0].text == "ok" and len(script.requests) == 3
     assert [getattr(e, "status", None) for e in retries] == [503, 500]
     assert script.requests[0][1] == {"model": "m", "prompt": "hi", "n": 1, "max_tokens": 2, "seed": 1}
@@ -106,7 +108,7 @@ def test_retry_after_is_honoured(scripted: tuple[str, Script]) -> None:
         async with OpenAICompatClient(url, max_retries=2, initial_backoff_s=0.001) as c:
             return await c.chat("m", [{"role": "user", "content": "hi"}])
 
-    assert run_sync(go()).choices[0].text == "x"
+    assert asyncio.run(go()).choices[0].text == "x"
     (_, _, t0), (_, _, t1) = script.requests
     assert t1 - t0 >= 0.4
 
@@ -124,7 +126,7 @@ def test_client_errors_are_not_retried_and_name_the_server_message(scripted: tup
                 await c.load_adapter("a", "/adapters/a")
             return bad.value, refused.value
 
-    bad, refused = run_sync(go())
+    bad, refused = asyncio.run(go())
     assert bad.status == 400 and "max_tokens is too large" in str(bad)
     assert refused.status == 500 and "must match" in str(refused)
     assert [p for p, _, _ in script.requests] == ["/v1/completions", "/v1/load_lora_adapter"]
@@ -143,7 +145,7 @@ def test_unreachable_server_fails_after_the_retries() -> None:
             await c.complete("m", "hi")
 
     with pytest.raises(ServiceError, match=r"/v1/completions: unreachable after 3 attempts"):
-        run_sync(go())
+        asyncio.run(go())
     assert len(retries) == 2
 
 
@@ -157,7 +159,7 @@ def test_concurrency_is_bounded_and_timeouts_are_retried(scripted: tuple[str, Sc
         async with OpenAICompatClient(url, concurrency=3, max_retries=0) as c:
             return await asyncio.gather(*(c.complete("m", f"p{i}") for i in range(9)))
 
-    assert len(run_sync(go())) == 9 and script.max_in_flight == 3
+    assert len(asyncio.run(go())) == 9 and script.max_in_flight == 3
 
     script.queue["/v1/completions"] = [(200, COMPLETION, {}, 1.0), (200, COMPLETION, {}, 0.0)]
     script.requests.clear()
@@ -166,4 +168,4 @@ def test_concurrency_is_bounded_and_timeouts_are_retried(scripted: tuple[str, Sc
         async with OpenAICompatClient(url, timeout_s=0.3, max_retries=1, initial_backoff_s=0.001) as c:
             return await c.complete("m", "hi")
 
-    assert run_sync(slow()).choices[0].text == "ok" and len(script.requests) == 2
+    assert asyncio.run(slow()).choices[0].text == "ok" and len(script.requests) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -9,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
 from selfreward.errors import InputError
 from selfreward.fingerprint import DEFAULT_TOLERANCE, adapter_sha256
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.policy.publish import (
     FingerprintMismatch,
     publish_adapter,
@@ -27,7 +28,7 @@ def run(server: Any, fn: Any) -> Any:
         async with OpenAICompatClient(server.url, max_retries=1, initial_backoff_s=0.05) as client:
             return await fn(client)
 
-    return run_sync(go())
+    return asyncio.run(go())
 
 
 def served_adapters(server: Any) -> set[str]:

@@ -2,11 +2,12 @@
 
 Generation with n samples, logprobs (chat and completions, token ids), structured output
 (regex and JSON schema), runtime LoRA adapters (load, use, list, unload), through the
-project's client (`selfreward.clients.openai_compat`).
+project's client (`selfreward.llm.openai`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from selfreward.clients.openai_compat import HTTPStatusError, OpenAICompatClient, run_sync, token_id
+from selfreward.llm.openai import OpenAICompatClient, token_id
+from selfreward.llm.retry import HTTPStatusError
 
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea at night."}]
 
@@ -24,7 +26,7 @@ def call(server: Any, fn: Any) -> Any:
         async with OpenAICompatClient(server.url, max_retries=1, initial_backoff_s=0.05) as client:
             return await fn(client)
 
-    return run_sync(go())
+    return asyncio.run(go())
 
 
 def test_chat_n_samples_are_independent_and_seeded(policy_server: Any) -> None:
@@ -179,6 +181,6 @@ def test_loading_a_missing_adapter_is_a_clear_error_without_retries(
                 await client.load_adapter("missing", str(tmp_path / "nothing-here"))
             return err.value
 
-    err = run_sync(go())
+    err = asyncio.run(go())
     assert err.status == 404 and "missing" in str(err)
     assert retries == []

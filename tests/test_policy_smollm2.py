@@ -4,6 +4,7 @@ its transformers fingerprint, taking a verified adapter, and stopping cleanly on
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -17,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
 from selfreward.fingerprint import DEFAULT_TOLERANCE, compare_fingerprints, fingerprint_model_dir
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.policy.launcher import free_port, tail
 from selfreward.policy.prepare import prepare_model, read_prepared_manifest
 from selfreward.policy.publish import publish_adapter, served_fingerprint
@@ -120,7 +121,7 @@ def ask(url: str, question: str) -> str:
             )
             return gen.choices[0].text
 
-    return run_sync(go())
+    return asyncio.run(go())
 
 
 def test_chat_answers_are_coherent_english(smol_server: dict[str, Any]) -> None:
@@ -140,7 +141,7 @@ def test_adapters_given_at_start_are_served(smol_server: dict[str, Any]) -> None
         async with OpenAICompatClient(smol_server["url"], max_retries=1) as client:
             return await client.adapters()
 
-    assert [(a["id"], a["parent"], a["root"]) for a in run_sync(go())] == [
+    assert [(a["id"], a["parent"], a["root"]) for a in asyncio.run(go())] == [
         ("boot", "smol", str(smol_server["boot"].resolve()))
     ]
 
@@ -162,7 +163,7 @@ def test_served_smollm2_reproduces_its_fingerprint_and_takes_a_verified_adapter(
             await client.unload_adapter(published["served_name"])
             return served, published
 
-    served, published = run_sync(go())
+    served, published = asyncio.run(go())
     ok, details = compare_fingerprints(expected, served, DEFAULT_TOLERANCE)
     print(
         f"\nSmolLM2 base: max |dlogprob| {details['max_abs_diff']:.2e} mean {details['mean_abs_diff']:.2e}; "

@@ -152,7 +152,8 @@ def score_eft_cmd(
     samples: int | None = typer.Option(None, "--samples", "-k", min=1, help="verdicts per reply (K)"),
 ) -> None:
     """Score every reply of the EFT-eval records with a judge (Judge.score), in the scores format."""
-    from selfreward.clients.openai_compat import run_sync
+    import asyncio
+
     from selfreward.evaluation.prompt_sets import seeded_subset
     from selfreward.evaluation.reward_model import score_eft
     from selfreward.judging import make_run_judge
@@ -172,7 +173,7 @@ def score_eft_cmd(
         finally:
             await j.aclose()
 
-    scored = run_sync(go())
+    scored = asyncio.run(go())
     if scored.retry_later:
         console.print(
             f"{len(scored.retry_later)} record(s) hit transient judge failures and were not written "
@@ -209,10 +210,12 @@ def head2head(
     bootstrap: int | None = typer.Option(None, "--bootstrap", min=100, help="bootstrap resamples"),
 ) -> None:
     """A against B on the same prompts; the judge compares each pair in both orders."""
-    from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
+    import asyncio
+
     from selfreward.evaluation.answers import resolve_side
     from selfreward.evaluation.head2head import head2head_report, run_head2head
     from selfreward.judging import make_run_judge
+    from selfreward.llm.openai import OpenAICompatClient
     from selfreward.progress import Progress
 
     cfg = _config(config)
@@ -250,7 +253,7 @@ def head2head(
             if client is not None:
                 await client.aclose()
 
-    data = run_sync(go())
+    data = asyncio.run(go())
     paths = head2head_report(out_dir, data)
     print_head2head(data)
     console.print(f"wrote {paths['json']}, {paths['markdown']}", highlight=False)
@@ -289,12 +292,14 @@ def alpaca(
     ),
 ) -> None:
     """Export outputs in AlpacaEval's format; with --reference and --judge, win rate and LC win rate."""
-    from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
+    import asyncio
+
     from selfreward.errors import InputError
     from selfreward.evaluation.alpaca_eval import alpaca_report, reference_prompts, run_alpaca
     from selfreward.evaluation.answers import resolve_side
     from selfreward.evaluation.metrics.alpaca import read_difficulty, read_outputs
     from selfreward.judging import make_run_judge
+    from selfreward.llm.openai import OpenAICompatClient
     from selfreward.progress import Progress
 
     cfg = _config(config)
@@ -343,7 +348,7 @@ def alpaca(
             if client is not None:
                 await client.aclose()
 
-    data = run_sync(go())
+    data = asyncio.run(go())
     paths = alpaca_report(out_dir, data)
     console.print(
         f"exported {data['instructions']} outputs to {data['model_outputs']} "

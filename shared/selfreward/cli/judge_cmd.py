@@ -104,7 +104,8 @@ def compare(
     redis_url: str | None = typer.Option(os.environ.get("REDIS_URL"), "--redis-url", help="verdict cache"),
 ) -> None:
     """Compare answer A with answer B for every row of FILE, in both orders."""
-    from selfreward.clients.openai_compat import run_sync
+    import asyncio
+
     from selfreward.judging import make_run_judge
     from selfreward.judging.stage import acompare_rows
     from selfreward.progress import Progress
@@ -121,7 +122,7 @@ def compare(
             await the_judge.aclose()
 
     with RichProgressSink() as sink:
-        counts = run_sync(go())
+        counts = asyncio.run(go())
     outcome = counts.pop("outcome_this_run")
     rows = [(k, v) for k, v in counts.items()] + [(f"this run: {k}", v) for k, v in outcome.items()]
     print_table(f"comparisons -> {out}", ["", "value"], rows)

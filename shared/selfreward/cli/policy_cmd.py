@@ -170,7 +170,9 @@ def publish(
     config_path: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Load an adapter as NAME-<sha256 prefix> and verify the server reproduces its fingerprint."""
-    from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
+    import asyncio
+
+    from selfreward.llm.openai import OpenAICompatClient
     from selfreward.policy.publish import publish_adapter, tolerance_for
 
     config = _config(config_path, policy={"fingerprint_tolerance": tolerance})
@@ -186,7 +188,7 @@ def publish(
                 require_change=not allow_unchanged,
             )
 
-    result = run_sync(go())
+    result = asyncio.run(go())
     console.print(json.dumps(result, indent=2), markup=False, highlight=False)
 
 
@@ -216,13 +218,15 @@ def adapters_list(
     config_path: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Models the server serves: the base and every LoRA adapter."""
-    from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
+    import asyncio
+
+    from selfreward.llm.openai import OpenAICompatClient
 
     async def go() -> list[dict[str, Any]]:
         async with OpenAICompatClient(_url(url, config_path), max_retries=1) as client:
             return await client.models()
 
-    rows = [(m["id"], m.get("parent") or "(base)", m.get("root") or "") for m in run_sync(go())]
+    rows = [(m["id"], m.get("parent") or "(base)", m.get("root") or "") for m in asyncio.run(go())]
     print_table("served models", ["name", "parent", "path"], rows)
 
 
@@ -235,13 +239,15 @@ def adapters_load(
     config_path: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Load an adapter without verification (`publish` verifies)."""
-    from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
+    import asyncio
+
+    from selfreward.llm.openai import OpenAICompatClient
 
     async def go() -> None:
         async with OpenAICompatClient(_url(url, config_path), max_retries=1) as client:
             await client.load_adapter(name, str(path.resolve()))
 
-    run_sync(go())
+    asyncio.run(go())
     console.print(f"loaded {name}", highlight=False)
 
 
@@ -253,12 +259,14 @@ def adapters_unload(
     config_path: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Stop serving an adapter."""
-    from selfreward.clients.openai_compat import OpenAICompatClient, run_sync
+    import asyncio
+
+    from selfreward.llm.openai import OpenAICompatClient
     from selfreward.policy.publish import unpublish_adapter
 
     async def go() -> None:
         async with OpenAICompatClient(_url(url, config_path), max_retries=1) as client:
             await unpublish_adapter(client, name)
 
-    run_sync(go())
+    asyncio.run(go())
     console.print(f"unloaded {name}", highlight=False)

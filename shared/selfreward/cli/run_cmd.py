@@ -3,59 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from selfreward.cli.ui import RichProgressSink, console, friendly_errors, print_table
-
-
-def _num(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _result(stage: str, m: dict[str, Any]) -> str:
-    """One line per stage for the summary table."""
-    if stage == "prepare":
-        c = m.get("seed_counts") or {}
-        return f"seed: ift={c.get('ift')} eft_train={c.get('eft_train')} eft_eval={c.get('eft_eval')}"
-    if stage in ("sft", "train"):
-        met = m.get("metrics") or {}
-        parts = [f"{m.get('model')} steps={m.get('steps')} examples={m.get('examples')}"]
-        if "first_loss" in met and "last_loss" in met:
-            parts.append(f"loss {_num(met['first_loss'])}->{_num(met['last_loss'])}")
-        if "rewards/margins" in met:
-            parts.append(f"margin={_num(met['rewards/margins'])} acc={_num(met.get('rewards/accuracies'))}")
-        return " ".join(parts)
-    if stage == "publish":
-        return f"{m.get('served_name')} (fingerprint diff {_num(m.get('max_abs_diff'))})"
-    if stage == "prompts":
-        return f"prompts={m.get('prompts')} attempts={m.get('attempts')} rejected={m.get('rejected', {})}"
-    if stage == "candidates":
-        extra = f" teacher={m['teacher_answers']}" if m.get("teacher_answers") else ""
-        return f"candidates={m.get('candidates')}{extra}"
-    if stage == "judgments":
-        if m.get("skipped"):
-            return str(m["skipped"])
-        return f"judged={m.get('judged')} parse_failures={m.get('parse_failures')} by {m.get('judge')}"
-    if stage == "pairs":
-        return (
-            f"pairs={m.get('pairs')} tie_rate={_num(m.get('tie_rate', 0.0))} "
-            f"parse_failure_rate={_num(m.get('parse_failure_rate', 0.0))}"
-        )
-    if stage == "evaluate":
-        met = m.get("metrics") or {}
-        parts = []
-        if "wins" in met:
-            lo, hi = met.get("win_rate_ci") or (None, None)
-            parts.append(
-                f"{m.get('model')} vs {m.get('baseline')}: w/t/l={met['wins']}/{met['ties']}/{met['losses']} "
-                f"win_rate={_num(met['win_rate'])} [{_num(lo)}, {_num(hi)}]"
-            )
-        if "rm_pairwise_accuracy" in met:
-            parts.append(f"judge vs humans: pairwise_acc={_num(met['rm_pairwise_accuracy'])}")
-        return "; ".join(parts)
-    return ""
 
 
 @friendly_errors
@@ -77,7 +28,7 @@ def run(
     same command again resumes at the first unfinished stage. Outputs: <artifact_root>/runs/<name>/.
     """
     from selfreward.config import load_config
-    from selfreward.loop.embedded import run_embedded
+    from selfreward.drivers.embedded import run_embedded
     from selfreward.progress import Progress
 
     config = load_config(config_file)
@@ -95,8 +46,11 @@ def run(
         result = run_embedded(
             config, Progress(sink), iterations=iterations, policy_url=policy_url, on_stage=show
         )
+    from selfreward.stages.plan import stage_named
+
     rows = [
-        (o.t, o.stage, o.status, f"{o.seconds:.1f}", _result(o.stage, o.manifest)) for o in result.outcomes
+        (o.t, o.stage, o.status, f"{o.seconds:.1f}", stage_named(o.stage).result_of(o.manifest).summary())
+        for o in result.outcomes
     ]
     print_table("summary", ["iter", "stage", "status", "seconds", "result"], rows)
     from selfreward.reports.run_report import build_run_report

@@ -140,7 +140,7 @@ def worker_start(
     Any queue mix works: a GPU host serves `train`, a CPU host `generate`, `judge` and `evaluate`.
     """
     from selfreward.drivers.worker import start_worker
-    from selfreward.loop.plan import QUEUES
+    from selfreward.stages.stage import QUEUES
 
     unknown = sorted(set(queue) - set(QUEUES))
     if unknown:

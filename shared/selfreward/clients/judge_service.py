@@ -11,11 +11,12 @@ from typing import Any
 
 import httpx
 
-from selfreward.clients.openai_compat import HTTPStatusError, is_transient, with_retries
 from selfreward.config import JudgeConfig
 from selfreward.errors import ServiceError
 from selfreward.judging import ScoreResult
-from selfreward.judging.specs import parse_spec
+from selfreward.llm.http import bearer, build_http_client
+from selfreward.llm.retry import HTTPStatusError, is_transient, with_retries
+from selfreward.llm.specs import read_spec
 from selfreward.prompts import Template, load_template
 
 
@@ -30,8 +31,7 @@ class RemoteJudge:
         api_token: str | None = None,
     ) -> None:
         # resolve policy:self here: the service's own self_model is fixed at its start
-        resolved = parse_spec(spec, self_model=self_model, policy_url="http://judge-service-resolves-this")
-        self.spec = spec if not spec.startswith("policy:") else f"policy:{resolved.model}"
+        self.spec = read_spec(spec).with_self(self_model).name
         self.base_url = base_url.rstrip("/")
         self.config = config
         self.template: Template = load_template(config.template, kind="score")
@@ -49,12 +49,11 @@ class RemoteJudge:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None or self._http.is_closed:
-            headers = {"Authorization": f"Bearer {self._api_token}"} if self._api_token else {}
-            self._http = httpx.AsyncClient(
+            self._http = build_http_client(
                 base_url=self.base_url,
-                headers=headers,
-                timeout=httpx.Timeout(self.config.timeout_s * (self.config.max_retries + 2), connect=10.0),
-                limits=httpx.Limits(max_connections=self.config.concurrency * 2),
+                headers=bearer(self._api_token),
+                timeout_s=self.config.timeout_s * (self.config.max_retries + 2),
+                concurrency=self.config.concurrency,
             )
         return self._http
 

@@ -17,6 +17,7 @@ from typing import Any
 from selfreward.config import RunConfig
 from selfreward.data.targets import JudgeVerdict
 from selfreward.errors import ConfigError, ServiceError
+from selfreward.llm.openai import OpenAICompatClient
 
 
 class JudgingEFTJudge:
@@ -44,7 +45,11 @@ class JudgingEFTJudge:
 
 
 def eft_judge_for(
-    run: RunConfig, *, policy_url: str | None = None, redis_url: str | None = None
+    run: RunConfig,
+    *,
+    policy_url: str | None = None,
+    redis_url: str | None = None,
+    client: OpenAICompatClient | None = None,
 ) -> JudgingEFTJudge:
     """The judge named by `data.eft_judge`, configured by the run's judge/teacher/services sections
     (`policy_url` in place of services.policy_url; `redis_url`: the verdict cache, else in-process)."""
@@ -61,5 +66,6 @@ def eft_judge_for(
         self_model=run.model.served_name,
         redis_url=redis_url,
         judge_config=config,
+        client=client,
     )
     return JudgingEFTJudge(judge)

@@ -22,6 +22,7 @@ coordinator both call it). Rules (docs/data.md has the user-facing version):
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -215,7 +216,20 @@ def prepare_seed(
     `judge` is required when `config.eft_targets` is "judge-filtered" (see
     `selfreward.data.targets.EFTJudge`). Returns the manifest; `manifest.reused` is True when
     the folder already held this exact result (same input hash and settings) and nothing ran.
+    Synchronous (one event loop of its own); `aprepare_seed` is the same inside a running loop.
     """
+    return asyncio.run(aprepare_seed(config, out_dir, progress, judge, judge_concurrency, force))
+
+
+async def aprepare_seed(
+    config: DataConfig,
+    out_dir: Path,
+    progress: Progress = NULL_PROGRESS,
+    judge: EFTJudge | None = None,
+    judge_concurrency: int = 4,
+    force: bool = False,
+) -> SeedManifest:
+    """`prepare_seed` in the caller's event loop (the prepare stage's)."""
     out_dir = Path(out_dir)
     if config.eft_targets == "judge-filtered" and judge is None:
         raise ConfigError(
@@ -233,10 +247,10 @@ def prepare_seed(
             return done
     source = opened.read(progress)
     forest = build_forest(source.messages)
-    return _build(config, out_dir, source, forest, key, judge, judge_concurrency, progress)
+    return await _build(config, out_dir, source, forest, key, judge, judge_concurrency, progress)
 
 
-def _build(
+async def _build(
     config: DataConfig,
     out_dir: Path,
     source: Source,
@@ -322,7 +336,7 @@ def _build(
         targets_info["examples"] = {f"k={k}": [rank_score(p, k) for p in range(k)] for k in range(2, 7)}
     else:
         assert judge is not None
-        verdicts, new_calls = judge_verdicts(
+        verdicts, new_calls = await judge_verdicts(
             train_groups, judge, out_dir / VERDICTS_FILE, judge_concurrency, progress
         )
         rows, stats = judge_filtered_targets(train_groups, verdicts.__getitem__, config.split_salt)

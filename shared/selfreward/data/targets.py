@@ -195,7 +195,7 @@ def _is_async(judge: EFTJudge) -> bool:
     return inspect.iscoroutinefunction(call)
 
 
-def judge_verdicts(
+async def judge_verdicts(
     groups: Sequence[EFTGroup],
     judge: EFTJudge,
     cache_path: Path,
@@ -216,7 +216,7 @@ def judge_verdicts(
         for key in wanted.keys() - set(todo):
             by_key[key] = JudgeVerdict(store.records[key]["text"], store.records[key]["score"])
         with progress.task("judge EFT replies", len(todo)) as task:
-            asyncio.run(_ask_all(judge, todo, wanted, store, by_key, concurrency, task))
+            await _ask_all(judge, todo, wanted, store, by_key, concurrency, task)
     verdicts = {rid: by_key[key] for key, (_, _, ids) in wanted.items() for rid in ids}
     return verdicts, len(todo)
 

@@ -1,10 +1,11 @@
-"""RQ jobs of the distributed mode: one job per stage, chained with `depends_on`.
+"""The distributed driver: one RQ job per stage, chained with `depends_on`.
 
-`enqueue_iteration` puts the unfinished stages of the set-up (iteration 0) and of iteration t
-on their queues (plan.QUEUE_OF), each depending on the previous one, with RQ retries and
-backoff. Each job runs `run_stage_job`, which executes the same stage function as the
-embedded mode (selfreward.loop.runner.execute_stage) against the services named in the run
-config. Stages resume from their last written record, so a retried job after a worker crash
+`enqueue_iteration` puts what `plan.pending` says is left of the set-up (iteration 0) and of
+iteration t on the stages' queues (`Stage.queue`), each depending on the previous one, with RQ
+retries and backoff and the stage's timeout (`Stage.timeout_s`). Each job runs `run_stage_job`,
+which runs the same stage as the embedded driver (`stage.run_stage`) against the services
+named in the run config, with the worker's Redis as the verdict cache of the judges the stage
+builds. Stages resume from their last written record, so a retried job after a worker crash
 continues where the dead one stopped.
 """
 
@@ -24,12 +25,11 @@ from rq.job import Job, JobStatus
 
 from selfreward.drivers.state import IterationState, RunStore
 from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
-from selfreward.loop import plan
 from selfreward.progress import Progress, rq_meta_sink
+from selfreward.stages import plan
+from selfreward.stages.stage import Stage
 from selfreward.storage import RunLayout, sha256_text
 
-STAGE_TIMEOUT_S = {"sft": 24 * 3600, "train": 24 * 3600, "prepare": 4 * 3600}
-DEFAULT_TIMEOUT_S = 6 * 3600
 # errors a retry cannot fix: the stage fails at once (fix the cause, then resume the iteration)
 NOT_RETRIED = (ConfigError, InputError, EmptyResultError)
 
@@ -42,12 +42,24 @@ def _job_id(run_id: str, t: int, stage_t: int, stage: str, attempt: int) -> str:
     return f"{safe}-it{t}-a{attempt}-{stage_t}-{stage}"
 
 
-def chain_of(layout: RunLayout, t: int) -> list[tuple[int, str]]:
-    """(iteration, stage) pairs still to run to finish iteration t, in order."""
-    chain: list[tuple[int, str]] = []
-    for tt in sorted({0, t}):
-        chain += [(tt, s) for s in plan.stages_of(tt) if not plan.is_done(layout, tt, s)]
-    return chain
+def chain_of(layout: RunLayout, t: int) -> list[tuple[int, Stage]]:
+    """(iteration, stage) pairs still to run to finish iteration t, in order: the set-up's
+    pending stages, then iteration t's."""
+    return [(tt, s) for tt in sorted({0, t}) for s in plan.pending(layout, tt)]
+
+
+def redis_url_of(conn: redis.Redis) -> str:
+    """A URL of the server `conn` talks to (for the asyncio clients of the verdict cache)."""
+    kw = conn.connection_pool.connection_kwargs
+    auth = ""
+    if kw.get("password"):
+        from urllib.parse import quote
+
+        auth = f"{quote(str(kw.get('username') or ''))}:{quote(str(kw['password']))}@"
+    db = kw.get("db", 0)
+    if kw.get("path"):
+        return f"unix://{auth}{kw['path']}?db={db}"
+    return f"redis://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{db}"
 
 
 def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -> IterationState:
@@ -71,24 +83,24 @@ def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -
     prev_job: Job | None = None
     chain = chain_of(layout, t)
     for stage_t, stage in chain:
-        queue = Queue(plan.QUEUE_OF[stage], connection=conn)
+        queue = Queue(stage.queue, connection=conn)
         job = queue.enqueue(
             "selfreward.drivers.rq.run_stage_job",
             run_id,
             t,
             stage_t,
-            stage,
-            job_id=_job_id(run_id, t, stage_t, stage, attempt),
+            stage.name,
+            job_id=_job_id(run_id, t, stage_t, stage.name, attempt),
             depends_on=prev_job,
             retry=Retry(max=len(intervals), interval=intervals) if intervals else None,
-            job_timeout=STAGE_TIMEOUT_S.get(stage, DEFAULT_TIMEOUT_S),
+            job_timeout=stage.timeout_s,
             result_ttl=7 * 24 * 3600,
             failure_ttl=30 * 24 * 3600,
             on_failure=Callback(on_stage_failure),
-            description=f"{run_id} iteration {t}: {stage} (iter-{stage_t})",
-            meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": stage},
+            description=f"{run_id} iteration {t}: {stage.name} (iter-{stage_t})",
+            meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": stage.name},
         )
-        jobs[f"{stage_t}:{stage}"] = job.id
+        jobs[f"{stage_t}:{stage.name}"] = job.id
         prev_job = job
     state = IterationState(
         t=t,
@@ -127,7 +139,8 @@ def cancel_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) ->
 
 
 def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, Any]:
-    from selfreward.loop.runner import StageContext, execute_stage
+    """The job of one stage: run `stage` of iteration `stage_t` for iteration t's chain."""
+    from selfreward.stages.stage import StageContext, run_stage
 
     job = get_current_job()
     assert job is not None, "run_stage_job runs inside an RQ worker"
@@ -141,8 +154,9 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
         layout=RunLayout(config.artifact_root, run_id),
         t=stage_t,
         progress=Progress(rq_meta_sink(job)),
+        redis_url=redis_url_of(job.connection),
     )
-    manifest = execute_stage(ctx, stage)
+    manifest = run_stage(ctx, plan.stage_named(stage, stage_t))
     last = chain_of(ctx.layout, t) == []
     if last:
         store.update_iteration(run_id, t, status="done", finished_at=time.time())

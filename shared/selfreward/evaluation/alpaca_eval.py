@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.errors import EmptyResultError, InputError
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, collect_answers, safe_name
 from selfreward.evaluation.metrics.alpaca import (
@@ -23,6 +22,7 @@ from selfreward.evaluation.metrics.alpaca import (
 from selfreward.evaluation.metrics.winrate import head_to_head
 from selfreward.evaluation.pairwise import PairItem, PairJudge, judge_pairs
 from selfreward.evaluation.prompt_sets import EvalPrompt, seeded_subset
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
 from selfreward.reports.markdown import alpaca_markdown

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.errors import ConfigError, InputError
 from selfreward.evaluation.metrics.alpaca import read_outputs
 from selfreward.evaluation.prompt_sets import EvalPrompt
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.storage import ResumableJsonl, sha256_text
 

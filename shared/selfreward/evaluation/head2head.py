@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, collect_answers, safe_name
 from selfreward.evaluation.metrics.winrate import head_to_head
 from selfreward.evaluation.pairwise import PairItem, PairJudge, judge_pairs
 from selfreward.evaluation.prompt_sets import EvalPrompt
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
 from selfreward.reports.markdown import head2head_markdown

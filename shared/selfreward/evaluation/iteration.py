@@ -1,4 +1,4 @@
-"""The coordinator's evaluate stage: after iteration t trained and published M(t+1).
+"""Evaluation of one iteration: after iteration t trained and published M(t+1).
 
 `evaluate_iteration` (async) writes `runs/<run>/eval/iter-<t>/`:
 - head-to-head of the new model against the baseline on `eval.prompts` (both answer with the
@@ -13,17 +13,14 @@
 Answers are kept per model in `eval/answers/` (a baseline's answers are generated once per
 run and settings), verdicts and EFT scores in the iteration's folder, all resumable.
 
-`run_evaluate_stage` is the synchronous entry point for a worker: it builds the judges
-(`selfreward.judging.make_run_judge`) and the policy client from the config, runs the above,
-and closes them.
+The loop's evaluate stage (selfreward.stages.evaluate) builds the judges and calls
+`evaluate_iteration` with the stage's policy client.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.config import RunConfig
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, safe_name
 from selfreward.evaluation.head2head import run_head2head
@@ -31,6 +28,7 @@ from selfreward.evaluation.metrics.reward_model import compare_with_human, read_
 from selfreward.evaluation.pairwise import PairJudge
 from selfreward.evaluation.prompt_sets import load_prompt_set, seeded_subset
 from selfreward.evaluation.reward_model import ScoreJudge, reward_model_plot, score_eft
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
 from selfreward.reports.markdown import iteration_markdown
@@ -157,51 +155,3 @@ async def evaluate_iteration(
         plots["trends.png"] = metric_trends(labels, series, f"Run {layout.run}: metrics by model")
     write_report(out, data, iteration_markdown({**data, "plots": sorted(plots)}), plots)
     return data
-
-
-def run_evaluate_stage(
-    config: RunConfig,
-    layout: RunLayout,
-    t: int,
-    new_model: str,
-    baseline_model: str | None,
-    progress: Progress = NULL_PROGRESS,
-    *,
-    policy_url: str | None = None,
-    redis_url: str | None = None,
-) -> dict[str, Any]:
-    """Synchronous evaluate stage: builds the judges and the policy client, evaluates, closes them."""
-    from selfreward.judging import make_run_judge
-
-    url = policy_url or config.services.policy_url
-
-    async def go() -> dict[str, Any]:
-        client = OpenAICompatClient(
-            url, concurrency=config.services.concurrency, timeout_s=config.services.request_timeout_s
-        )
-        spec = eval_judge_spec(config)
-        judge = make_run_judge(spec, config, policy_url=url, self_model=new_model, redis_url=redis_url)
-        rm_judge = None
-        if config.eval.reward_model:
-            rm_judge = make_run_judge(f"policy:{new_model}", config, policy_url=url, redis_url=redis_url)
-        try:
-            return await evaluate_iteration(
-                config,
-                layout,
-                t,
-                new_model,
-                baseline_model,
-                judge,
-                client,
-                progress,
-                judge_name=judge.name,
-                rm_judge=rm_judge,
-                rm_judge_name=rm_judge.name if rm_judge is not None else None,
-            )
-        finally:
-            await judge.aclose()
-            if rm_judge is not None:
-                await rm_judge.aclose()
-            await client.aclose()
-
-    return asyncio.run(go())

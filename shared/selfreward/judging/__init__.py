@@ -19,7 +19,6 @@ from selfreward.judging.judge import (
     make_run_judge,
 )
 from selfreward.judging.parsing import expected_score, parse_score, parse_winner
-from selfreward.judging.specs import JudgeSpec, parse_spec, resolve_api_key
 from selfreward.judging.stage import acompare_rows, ajudge_candidates, judge_candidates, read_judge_inputs
 from selfreward.judging.truncation import TRUNCATION_MARK, truncate_chars
 
@@ -28,7 +27,6 @@ __all__ = [
     "CompareResult",
     "Judge",
     "JudgeObserver",
-    "JudgeSpec",
     "PairVerdict",
     "ScoreResult",
     "VerdictCache",
@@ -40,9 +38,7 @@ __all__ = [
     "make_judge",
     "make_run_judge",
     "parse_score",
-    "parse_spec",
     "parse_winner",
     "read_judge_inputs",
-    "resolve_api_key",
     "truncate_chars",
 ]

@@ -28,19 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from selfreward.clients.openai_compat import HTTPStatusError
 from selfreward.config import JudgeConfig, RunConfig, TeacherConfig
 from selfreward.errors import ConfigError, ServiceError
-from selfreward.judging.backends import (
-    FATAL_STATUS,
-    Backend,
-    BackendEvents,
-    Capabilities,
-    Constraint,
-    GeminiBackend,
-    OpenAICompatBackend,
-    Output,
-)
 from selfreward.judging.cache import VerdictCache, cache_key
 from selfreward.judging.parsing import (
     PAIR_IDS,
@@ -51,8 +40,19 @@ from selfreward.judging.parsing import (
     parse_winner,
     score_position,
 )
-from selfreward.judging.specs import JudgeSpec, parse_spec, resolve_api_key
 from selfreward.judging.truncation import shrink_for_overflow, truncate_chars
+from selfreward.llm.backend import (
+    FATAL_STATUS,
+    Backend,
+    BackendEvents,
+    Capabilities,
+    Constraint,
+    Output,
+    make_backend,
+)
+from selfreward.llm.openai import OpenAICompatClient
+from selfreward.llm.retry import HTTPStatusError
+from selfreward.llm.specs import BackendSpec, parse_spec
 from selfreward.prompts import Template, load_template
 from selfreward.schemas import Verdict
 
@@ -145,7 +145,7 @@ class Judge:
 
     def __init__(
         self,
-        spec: JudgeSpec,
+        spec: BackendSpec,
         config: JudgeConfig,
         backend: Backend,
         cache: VerdictCache | None,
@@ -607,27 +607,24 @@ def make_judge(
     teacher: TeacherConfig | None = None,
     redis_url: str | None = None,
     observer: JudgeObserver | None = None,
+    client: OpenAICompatClient | None = None,
 ) -> Judge:
-    """Build a judge from a spec (see selfreward.judging.specs) and the judge config."""
-    teacher = teacher or TeacherConfig()
+    """Build a judge from a spec (see selfreward.llm.specs) and the judge config.
+
+    `client`: the caller's open client of the policy service (a stage's); a judge on that
+    server shares its connection pool (selfreward.llm.make_backend)."""
     resolved = parse_spec(spec, self_model=self_model, policy_url=policy_url)
+    if resolved.kind == "gemini" and config.mode == "logprob" and config.logprob_source == "prefill":
+        raise ConfigError(
+            [
+                f"judge {resolved.name}: judge.logprob_source=prefill needs a backend that continues a "
+                "prefilled answer (vLLM); Gemini supports logprob_source: verdict (or auto)"
+            ],
+            "judge",
+        )
     observer = observer or JudgeObserver()
     events = BackendEvents(on_call=observer.backend_call, on_retry=observer.retry)
-    backend: Backend
-    if resolved.kind == "gemini":
-        if config.mode == "logprob" and config.logprob_source == "prefill":
-            raise ConfigError(
-                [
-                    f"judge {resolved.name}: judge.logprob_source=prefill needs a backend that continues a "
-                    "prefilled answer (vLLM); Gemini supports logprob_source: verdict (or auto)"
-                ],
-                "judge",
-            )
-        key = resolve_api_key(resolved, teacher)
-        assert key is not None
-        backend = GeminiBackend(resolved, config, teacher, key, events)
-    else:
-        backend = OpenAICompatBackend(resolved, config, resolve_api_key(resolved, teacher), events)
+    backend = make_backend(resolved, config, teacher=teacher, events=events, client=client)
     cache = VerdictCache(redis_url, ttl_s=config.cache_ttl_s) if config.cache else None
     return Judge(resolved, config, backend, cache, observer)
 
@@ -640,6 +637,7 @@ def make_run_judge(
     self_model: str | None = None,
     redis_url: str | None = None,
     judge_config: JudgeConfig | None = None,
+    client: OpenAICompatClient | None = None,
 ) -> Judge:
     """`make_judge` for a run: its judge and teacher sections (or `judge_config` in place of the
     judge section) and its policy service unless `policy_url` names another."""
@@ -650,4 +648,5 @@ def make_run_judge(
         self_model=self_model,
         teacher=run.teacher,
         redis_url=redis_url,
+        client=client,
     )

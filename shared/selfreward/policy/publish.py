@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from selfreward.clients.openai_compat import HTTPStatusError, OpenAICompatClient, token_id
 from selfreward.config import PolicyServerConfig
 from selfreward.errors import InputError, ServiceError
 from selfreward.fingerprint import (
@@ -34,6 +33,8 @@ from selfreward.fingerprint import (
     compare_fingerprints,
     format_comparison,
 )
+from selfreward.llm.openai import OpenAICompatClient, token_id
+from selfreward.llm.retry import HTTPStatusError
 from selfreward.storage import read_manifest, sha256_dir
 
 SHA_PREFIX = 12

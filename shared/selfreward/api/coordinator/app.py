@@ -33,7 +33,8 @@ from selfreward.api.coordinator import status as run_status
 from selfreward.config import RunConfig, deep_merge, dump_config, env_overrides
 from selfreward.drivers.rq import cancel_iteration, enqueue_iteration
 from selfreward.drivers.state import Conflict, RunNotFound, RunStore
-from selfreward.loop import plan
+from selfreward.stages import plan
+from selfreward.stages.stage import QUEUES
 from selfreward.storage import RunLayout, atomic_write_text
 
 
@@ -135,7 +136,7 @@ def create_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
-        for q in plan.QUEUES:
+        for q in QUEUES:
             queue_length.labels(q).set(Queue(q, connection=conn).count)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

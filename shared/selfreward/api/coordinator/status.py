@@ -10,7 +10,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from selfreward.drivers.state import RunNotFound, RunStore
-from selfreward.loop import plan
+from selfreward.stages import plan
 from selfreward.storage import RunLayout, read_manifest
 
 RQ_STATE = {
@@ -49,8 +49,9 @@ def stage_states(
     store: RunStore, conn: redis.Redis, run_id: str, layout: RunLayout, t: int
 ) -> list[dict[str, Any]]:
     out = []
-    for stage in plan.stages_of(t):
-        entry: dict[str, Any] = {"stage": stage, "queue": plan.QUEUE_OF[stage], "state": "pending"}
+    for s in plan.stages_of(t):
+        stage = s.name
+        entry: dict[str, Any] = {"stage": stage, "queue": s.queue, "state": "pending"}
         manifest = read_manifest(layout.stage_manifest(t, stage))
         job_id = _job_for(store, run_id, t, stage)
         if job_id:

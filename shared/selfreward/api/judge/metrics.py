@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from selfreward.clients.openai_compat import HTTPStatusError
 from selfreward.judging import JudgeObserver
+from selfreward.llm.retry import HTTPStatusError
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

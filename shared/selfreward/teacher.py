@@ -1,6 +1,6 @@
-"""The teacher as a writer of answers (teacher-demo variant): the same backends as the judge
-(selfreward.judging.backends: Gemini through google-genai, any OpenAI-compatible server), so
-keys, concurrency, rate limits and retries follow one set of rules."""
+"""The teacher as a writer of answers (teacher-demo variant): a backend of the LLM layer
+(`selfreward.llm.make_backend`: Gemini through google-genai, any OpenAI-compatible server), so
+keys, concurrency, rate limits and retries follow the judges' rules (the run's judge section)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from selfreward.config import RunConfig
 from selfreward.errors import ConfigError
-from selfreward.judging.backends import Backend, GeminiBackend, OpenAICompatBackend
-from selfreward.judging.specs import parse_spec, resolve_api_key
+from selfreward.llm.backend import Backend, make_backend
 
 
 @dataclass
@@ -36,12 +35,5 @@ def make_teacher(config: RunConfig, policy_url: str | None = None) -> Teacher:
     t = config.teacher
     if not t.backend:
         raise ConfigError(["teacher.backend: required to write demonstrations"], "teacher")
-    spec = parse_spec(t.backend, policy_url=policy_url)
-    backend: Backend
-    if spec.kind == "gemini":
-        key = resolve_api_key(spec, t)
-        assert key is not None
-        backend = GeminiBackend(spec, config.judge, t, key)
-    else:
-        backend = OpenAICompatBackend(spec, config.judge, resolve_api_key(spec, t))
-    return Teacher(spec.name, backend, t.temperature, t.top_p, t.max_tokens)
+    backend = make_backend(t.backend, config.judge, teacher=t, policy_url=policy_url)
+    return Teacher(backend.spec.name, backend, t.temperature, t.top_p, t.max_tokens)

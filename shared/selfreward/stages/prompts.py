@@ -1,4 +1,4 @@
-"""Stage 1: prompts. Self-instruct new prompts with M(t) (or a fixed prompt model), or read a file.
+"""Iteration stage `prompts`: self-instruct new prompts with M(t) (or a fixed prompt model), or read a file.
 
 Self-instruct (Yuan et al. 2024, following Wang et al. 2023): each attempt shows the model
 `few_shot` example tasks, `few_shot_generated` of them from prompts generated in earlier
@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.config import PromptsConfig
+from selfreward.dedup import NearDuplicateIndex
 from selfreward.errors import EmptyResultError, InputError
-from selfreward.loop.dedup import NearDuplicateIndex
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.prompts import SELF_INSTRUCT_TEMPLATE, load_template
-from selfreward.schemas import PromptRecord
-from selfreward.storage import ResumableJsonl, read_jsonl
+from selfreward.schemas import IFTRecord, PromptRecord, read_records
+from selfreward.stages.stage import Stage, StageContext, StageResult
+from selfreward.storage import ResumableJsonl, read_jsonl, write_jsonl_atomic
 
 _TASK_LABEL = re.compile(r"^\s*(?:task\s*\d*\s*[:.)-]\s*)", re.IGNORECASE)
 _NEXT_TASK = re.compile(r"\n\s*task\s*\d+\s*[:.)]", re.IGNORECASE)
@@ -230,3 +231,53 @@ def _prompt_record(rec: dict[str, Any]) -> dict[str, Any]:
             "finish_reason": rec["finish_reason"],
         },
     ).model_dump()
+
+
+class PromptsResult(StageResult):
+    prompts: int
+    source: str
+    attempts: int | None = None
+    rejected: dict[str, int] | None = None
+
+    def summary(self) -> str:
+        return f"prompts={self.prompts} attempts={self.attempts} rejected={self.rejected or {}}"
+
+
+async def run(ctx: StageContext) -> PromptsResult:
+    cfg = ctx.config.prompts
+    if cfg.source == "file":
+        assert cfg.file is not None
+        records = read_prompt_file(cfg.file, cfg.num_prompts)
+        write_jsonl_atomic(ctx.file("prompts"), [r.model_dump() for r in records])
+        return PromptsResult(prompts=len(records), source="file", file=str(cfg.file))
+    ift = read_records(ctx.layout.seed_dir / "ift.jsonl", IFTRecord)
+    seed_examples = [Example(r.id, r.prompt) for r in ift]
+    earlier = []
+    for tt in range(1, ctx.t):
+        path = ctx.layout.stage_file(tt, "prompts")
+        if path.is_file():
+            earlier += [Example(r.id, r.prompt) for r in read_records(path, PromptRecord)]
+    model = cfg.model or await ctx.served()
+    counts = await self_instruct(
+        ctx.policy,
+        model,
+        cfg,
+        seed_examples,
+        earlier,
+        ctx.layout.iter_dir(ctx.t),
+        ctx.t,
+        ctx.config.seed,
+        concurrency=ctx.config.services.concurrency,
+        progress=ctx.progress,
+        seeded=ctx.config.request_seed(0) is not None,
+    )
+    return PromptsResult(source="self-instruct", **counts)
+
+
+STAGE = Stage(
+    name="prompts",
+    run=run,
+    queue="generate",
+    result=PromptsResult,
+    description="new prompts by self-instruct with M(t), or a prompt file",
+)

@@ -1,4 +1,4 @@
-"""Stage 4: preference pairs, and the per-iteration feedback report.
+"""Iteration stage `pairs`: preference pairs, and the per-iteration feedback report.
 
 Reward variants (self-reward, teacher-reward): per prompt, among the candidates with a score
 (the mean of their parsed verdicts), chosen = the highest score, rejected = the lowest (the
@@ -19,7 +19,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from selfreward.schemas import CandidateRecord, JudgmentRecord, PairRecord
+from pydantic import Field
+
+from selfreward.errors import EmptyResultError
+from selfreward.schemas import CandidateRecord, JudgmentRecord, PairRecord, read_records
+from selfreward.stages.stage import Stage, StageContext, StageResult, never
+from selfreward.storage import write_jsonl_atomic
 
 
 def _messages(role: str, text: str) -> list[dict[str, str]]:
@@ -128,3 +133,42 @@ def demonstration_pairs(candidates: list[CandidateRecord]) -> tuple[list[dict[st
         "dropped": dict(sorted(dropped.items())),
     }
     return pairs, report
+
+
+class PairsResult(StageResult):
+    pairs: int
+    dropped: dict[str, int] = Field(default_factory=dict)
+    tie_rate: float | None = None
+    parse_failure_rate: float | None = None
+
+    def summary(self) -> str:
+        return (
+            f"pairs={self.pairs} tie_rate={self.tie_rate or 0.0:.3g} "
+            f"parse_failure_rate={self.parse_failure_rate or 0.0:.3g}"
+        )
+
+
+async def run(ctx: StageContext) -> PairsResult:
+    candidates = read_records(ctx.file("candidates"), CandidateRecord)
+    if ctx.config.variant == "teacher-demo":
+        pairs, report = demonstration_pairs(candidates)
+    else:
+        judgments = read_records(ctx.file("judgments"), JudgmentRecord)
+        pairs, report = reward_pairs(candidates, judgments, ctx.config.pairs.min_margin)
+    write_jsonl_atomic(ctx.file("pairs"), pairs)
+    if not pairs:
+        raise EmptyResultError(
+            f"iteration {ctx.t}: no preference pair survived ({report}); "
+            "with a small judge this usually means every verdict failed to parse or all scores tied"
+        )
+    return PairsResult(**report)
+
+
+STAGE = Stage(
+    name="pairs",
+    run=run,
+    queue="judge",
+    result=PairsResult,
+    needs_policy=never,
+    description="chosen/rejected pairs from the judgments (or teacher vs student)",
+)

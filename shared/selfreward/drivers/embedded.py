@@ -1,11 +1,14 @@
 """The embedded mode: a whole run on one machine, in this process, with a vLLM server it starts.
 
 `run_embedded(config)` executes the set-up (iteration 0) and iterations 1..config.iterations
-with the same stage functions the coordinator's RQ jobs run (selfreward.loop.runner). It
-starts the policy server (selfreward.policy.PolicyServer) on the prepared base model
-when the first stage needs it, with every adapter already published by this run, and stops it
-at the end. Finished stages are skipped (their manifests exist), so running the same command
-again after a crash or Ctrl-C resumes at the first unfinished stage.
+with the same stages the RQ driver runs as jobs: for each t it runs `plan.pending(layout, t)`
+in order, each with `stage.run_stage` (one event loop per stage). It starts the policy server
+(selfreward.policy.launcher.PolicyServer) on the prepared base model when the first stage that
+needs it (`Stage.needs_policy`) runs, with every adapter already published by this run, and
+stops it at the end. Finished stages are skipped (their manifests exist), so running the same
+command again after a crash or Ctrl-C resumes at the first unfinished stage. There is no Redis
+in this mode: the judges a stage builds cache their verdicts in-process, and the stage files
+are the resume state.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ import yaml
 
 from selfreward.config import RunConfig, dump_config
 from selfreward.errors import ConfigError
-from selfreward.loop import plan
-from selfreward.loop.runner import StageContext, execute_stage
 from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.stages import plan
+from selfreward.stages.stage import StageContext, model_name, run_stage
 from selfreward.storage import RunLayout, atomic_write_text, read_manifest
 
-# stages that talk to the policy server in the embedded mode
-NEEDS_POLICY = {"publish", "prompts", "candidates", "judgments", "evaluate"}
 # fields that may differ between two invocations of the same run (where, not what)
 LOCATION_FIELDS = ("artifact_root",)
 
@@ -77,7 +78,7 @@ def published_adapters(layout: RunLayout) -> list[Any]:
     out = []
     t = 0
     while (m := read_manifest(layout.stage_manifest(t, "publish"))) is not None:
-        out.append(Adapter(m["served_name"], layout.model_dir(plan.model_name(t + 1)).resolve()))
+        out.append(Adapter(m["served_name"], layout.model_dir(model_name(t + 1)).resolve()))
         t += 1
     return out
 
@@ -131,21 +132,19 @@ def run_embedded(
             return server.url
 
         for t in range(0, last + 1):
+            todo = {s.name for s in plan.pending(layout, t)}
             for stage in plan.stages_of(t):
-                done = read_manifest(layout.stage_manifest(t, stage))
-                if done is not None:
-                    outcome = StageOutcome(t, stage, "done before", float(done.get("seconds", 0.0)), done)
-                else:
-                    needs = stage in NEEDS_POLICY or (
-                        stage == "prepare"
-                        and config.data.eft_targets == "judge-filtered"
-                        and (config.data.eft_judge or "").startswith("policy:")
+                if stage.name not in todo:
+                    done = read_manifest(layout.stage_manifest(t, stage.name)) or {}
+                    outcome = StageOutcome(
+                        t, stage.name, "done before", float(done.get("seconds", 0.0)), done
                     )
-                    url = server_url() if needs else policy_url
-                    ctx = StageContext(config, layout, t, progress, policy_url=url)
+                else:
+                    url = server_url() if stage.needs_policy(config) else policy_url
+                    ctx = StageContext(config, layout, t, progress, policy_url=url, redis_url=None)
                     t0 = time.time()
-                    manifest = execute_stage(ctx, stage)
-                    outcome = StageOutcome(t, stage, "ran", time.time() - t0, manifest)
+                    manifest = run_stage(ctx, stage)
+                    outcome = StageOutcome(t, stage.name, "ran", time.time() - t0, manifest)
                 result.outcomes.append(outcome)
                 if on_stage is not None:
                     on_stage(outcome)

@@ -1,4 +1,4 @@
-"""Stage 2: candidates. N samples per prompt from M(t) through the policy service.
+"""Iteration stage `candidates`: N samples per prompt from M(t) through the policy service.
 
 Requests go out concurrently (the client bounds how many are in flight, so vLLM batches
 them); each prompt's samples are appended to candidates.jsonl as soon as they arrive, keyed
@@ -17,11 +17,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from selfreward.clients.openai_compat import OpenAICompatClient
 from selfreward.config import CandidatesConfig
-from selfreward.loop.prompts_stage import derived_seed
+from selfreward.errors import EmptyResultError
+from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
-from selfreward.schemas import CandidateRecord, PromptRecord, candidate_id
+from selfreward.schemas import CandidateRecord, PromptRecord, candidate_id, read_records
+from selfreward.stages.prompts import derived_seed
+from selfreward.stages.stage import Stage, StageContext, StageResult
 from selfreward.storage import ResumableJsonl
 
 TEACHER_INDEX = -1
@@ -122,3 +124,56 @@ async def generate_candidates(
         "finish_reasons_this_run": finish,
         "model": model,
     }
+
+
+class CandidatesResult(StageResult):
+    prompts: int
+    candidates: int
+    teacher_answers: int = 0
+    model: str
+
+    def summary(self) -> str:
+        extra = f" teacher={self.teacher_answers}" if self.teacher_answers else ""
+        return f"candidates={self.candidates}{extra}"
+
+
+async def run(ctx: StageContext) -> CandidatesResult:
+    cfg = ctx.config
+    prompts = read_records(ctx.file("prompts"), PromptRecord)
+    if not prompts:
+        raise EmptyResultError(f"{ctx.file('prompts')}: no prompts to answer")
+    demo = cfg.variant == "teacher-demo"
+    model = await ctx.served()
+    teacher = None
+    if demo:
+        from selfreward.teacher import make_teacher
+
+        teacher = make_teacher(cfg, policy_url=ctx.url)
+    try:
+        counts = await generate_candidates(
+            ctx.policy,
+            model,
+            prompts,
+            cfg.candidates,
+            ctx.file("candidates"),
+            samples=1 if demo else cfg.candidates.n,
+            run_seed=cfg.seed,
+            t=ctx.t,
+            teacher=teacher.write if teacher else None,
+            teacher_name=teacher.name if teacher else None,
+            progress=ctx.progress,
+            seeded=cfg.request_seed(0) is not None,
+        )
+    finally:
+        if teacher is not None:
+            await teacher.aclose()
+    return CandidatesResult(**counts)
+
+
+STAGE = Stage(
+    name="candidates",
+    run=run,
+    queue="generate",
+    result=CandidatesResult,
+    description="N samples per prompt from M(t) (and the teacher's answer in teacher-demo)",
+)

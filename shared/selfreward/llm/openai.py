@@ -1,10 +1,14 @@
-"""Async client for OpenAI-compatible servers: vLLM (our policy service) and any teacher.
+"""Async client of OpenAI-compatible servers: vLLM (the policy service) and any teacher.
 
-One pooled httpx.AsyncClient per instance, a semaphore bounding requests in flight, an
-optional requests-per-minute limit, and retries with exponential backoff and jitter on
-connection errors, timeouts, 429 and 5xx (a server's Retry-After is honoured). Client
-errors (4xx other than 408/429) are not retried: they name the request's model and the
-server's message.
+One pooled connection (`selfreward.llm.http`), `Limits` bounding requests in flight and per
+minute, and the retry policy of `selfreward.llm.retry` (connection errors, timeouts, 429 and 5xx,
+honouring Retry-After). Client errors (4xx other than 408/429) are not retried: they name the
+request's model and the server's message.
+
+`view(...)` is the same client (connection pool, model list) with its own limits and retry
+policy: a judge on the policy service uses a view of the stage's client, so a stage talks to the
+policy through one connection pool and asks for the model list once (it is cached for
+`MODELS_TTL_S` seconds and dropped when this client loads or unloads an adapter).
 
 vLLM specifics used here: `structured_outputs` (e.g. {"regex": ...}) for constrained
 decoding (the old `guided_regex` field is silently ignored by vLLM >= 0.11), token-id prompts,
@@ -12,134 +16,37 @@ decoding (the old `guided_regex` field is silently ignored by vLLM >= 0.11), tok
 management under /v1/load_lora_adapter and /v1/unload_lora_adapter (a failed load answers
 500 and is not retried: it fails the same way again), `/tokenize` and `/health`.
 
-Create a client inside the coroutine that uses it (its connection pool belongs to one event
-loop), e.g. `run_sync(main())` with `async with OpenAICompatClient(url) as client:` in main.
+The connection pool belongs to the event loop that first uses it: create the client in (or
+for) one event loop, e.g. `async with OpenAICompatClient(url) as client:` inside the coroutine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import copy
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from selfreward.errors import ServiceError
+from selfreward.llm.http import bearer, build_http_client
+from selfreward.llm.limits import Limits
+from selfreward.llm.retry import ADMIN_RETRY_STATUS, RETRY_STATUS, HTTPStatusError, is_transient, with_retries
 
-T = TypeVar("T")
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-# adapter management: a 500 there is the worker refusing the adapter (wrong shapes, bad files)
-ADMIN_RETRY_STATUS = {408, 429, 502, 503, 504}
-
-
-class HTTPStatusError(ServiceError):
-    def __init__(self, url: str, status: int, body: str, retry_after: float | None = None) -> None:
-        self.status = status
-        self.body = body
-        self.retry_after = retry_after
-        super().__init__(f"{url} answered HTTP {status}: {body[:500]}")
-
-    @classmethod
-    def check(cls, resp: httpx.Response) -> httpx.Response:
-        """`resp` unchanged, or this error (status, body, Retry-After) for a 4xx/5xx answer."""
-        if resp.status_code >= 400:
-            raise cls(
-                str(resp.request.url),
-                resp.status_code,
-                resp.text,
-                parse_retry_after(resp.headers.get("retry-after")),
-            )
-        return resp
+MODELS_TTL_S = 5.0
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    from email.utils import parsedate_to_datetime
+@dataclass
+class _Shared:
+    """What a client and its views share: the connection pool and the cached model list."""
 
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def is_transient(exc: BaseException, statuses: frozenset[int] | set[int] = frozenset(RETRY_STATUS)) -> bool:
-    if isinstance(exc, HTTPStatusError):
-        return exc.status in statuses
-    return isinstance(exc, httpx.TransportError | httpx.TimeoutException)
-
-
-class RateLimiter:
-    """Sliding-window limit of `per_minute` acquisitions in any 60 seconds."""
-
-    def __init__(self, per_minute: int | None, window_s: float = 60.0) -> None:
-        self.per_minute = per_minute
-        self.window_s = window_s
-        self._stamps: deque[float] = deque()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        if not self.per_minute:
-            return
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                while self._stamps and now - self._stamps[0] >= self.window_s:
-                    self._stamps.popleft()
-                if len(self._stamps) < self.per_minute:
-                    self._stamps.append(now)
-                    return
-                await asyncio.sleep(self.window_s - (now - self._stamps[0]))
-
-
-def backoff_wait(initial: float = 0.5, maximum: float = 30.0) -> Callable[[RetryCallState], float]:
-    """Exponential backoff with full jitter; a Retry-After from the server wins when longer."""
-
-    def wait(state: RetryCallState) -> float:
-        exp = min(maximum, initial * (2 ** (state.attempt_number - 1)))
-        delay = random.uniform(0, exp)
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, HTTPStatusError) and exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, 300.0))
-        return delay
-
-    return wait
-
-
-async def with_retries(
-    fn: Callable[[], Awaitable[T]],
-    max_retries: int,
-    on_retry: Callable[[BaseException], None] | None = None,
-    initial_backoff_s: float = 0.5,
-    retry_if: Callable[[BaseException], bool] = is_transient,
-) -> T:
-    """Run `fn` with the retry policy above (shared by every backend)."""
-
-    def before_sleep(state: RetryCallState) -> None:
-        if on_retry and state.outcome is not None and state.outcome.exception() is not None:
-            on_retry(state.outcome.exception())  # type: ignore[arg-type]
-
-    retrying = AsyncRetrying(
-        retry=retry_if_exception(retry_if),
-        stop=stop_after_attempt(max_retries + 1),
-        wait=backoff_wait(initial_backoff_s),
-        reraise=True,
-        before_sleep=before_sleep,
-    )
-    async for attempt in retrying:
-        with attempt:
-            return await fn()
-    raise AssertionError("unreachable")
+    http: httpx.AsyncClient
+    models: list[dict[str, Any]] | None = None
+    models_at: float = 0.0
 
 
 @dataclass
@@ -209,25 +116,50 @@ class OpenAICompatClient:
         initial_backoff_s: float = 0.5,
         on_retry: Callable[[BaseException], None] | None = None,
     ) -> None:
-        base = base_url.rstrip("/")
-        self.base_url = base.removesuffix("/v1")
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.initial_backoff_s = initial_backoff_s
         self.on_retry = on_retry
-        self._semaphore = asyncio.Semaphore(concurrency)
-        self._limiter = RateLimiter(requests_per_minute)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-            limits=httpx.Limits(
-                max_connections=max(concurrency, 1) * 2, max_keepalive_connections=concurrency
-            ),
+        self.limits = Limits(concurrency, requests_per_minute)
+        self._shared = _Shared(
+            build_http_client(
+                base_url=self.base_url, timeout_s=timeout_s, concurrency=concurrency, headers=bearer(api_key)
+            )
         )
+        self._owner = True
+
+    def view(
+        self,
+        *,
+        concurrency: int,
+        requests_per_minute: int | None = None,
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+        initial_backoff_s: float | None = None,
+        on_retry: Callable[[BaseException], None] | None = None,
+    ) -> OpenAICompatClient:
+        """This client with its own limits and retry policy (same connection pool and model
+        list); closing the view leaves this client open."""
+        other = copy.copy(self)
+        other.limits = Limits(concurrency, requests_per_minute)
+        other.timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        other.max_retries = self.max_retries if max_retries is None else max_retries
+        other.initial_backoff_s = self.initial_backoff_s if initial_backoff_s is None else initial_backoff_s
+        other.on_retry = on_retry
+        other._owner = False
+        return other
+
+    def shares_pool_with(self, other: OpenAICompatClient) -> bool:
+        return self._shared is other._shared
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._owner:
+            await self._shared.http.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._shared.http.is_closed
 
     async def __aenter__(self) -> OpenAICompatClient:
         return self
@@ -237,26 +169,21 @@ class OpenAICompatClient:
 
     # -------------------------------------------------------------- transport
 
-    @classmethod
-    def for_policy(cls, config: Any, **kwargs: Any) -> OpenAICompatClient:
-        """A client of the run's policy server (services.policy_url, concurrency, request timeout)."""
-        services = config.services
-        options = {"concurrency": services.concurrency, "timeout_s": services.request_timeout_s, **kwargs}
-        return cls(services.policy_url, **options)
-
     async def _request(
         self,
         method: str,
         path: str,
         json: Any = None,
         retry: bool = True,
-        retry_statuses: frozenset[int] | set[int] = frozenset(RETRY_STATUS),
+        retry_statuses: frozenset[int] = RETRY_STATUS,
     ) -> Any:
+        http = self._shared.http
+        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+
         async def once() -> Any:
-            await self._limiter.acquire()
-            async with self._semaphore:
+            async with self.limits.slot():
                 try:
-                    resp = await self._http.request(method, path, json=json)
+                    resp = await http.request(method, path, json=json, timeout=timeout)
                 except httpx.TransportError as exc:
                     if not retry:
                         raise ServiceError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
@@ -386,9 +313,14 @@ class OpenAICompatClient:
 
     # -------------------------------------------------------------- models and adapters
 
-    async def models(self) -> list[dict[str, Any]]:
-        data = await self._request("GET", "/v1/models")
-        return list(data.get("data", []))
+    async def models(self, fresh: bool = False) -> list[dict[str, Any]]:
+        """The served models (GET /v1/models), cached for MODELS_TTL_S unless `fresh`."""
+        shared = self._shared
+        if fresh or shared.models is None or time.monotonic() - shared.models_at > MODELS_TTL_S:
+            data = await self._request("GET", "/v1/models")
+            shared.models = list(data.get("data", []))
+            shared.models_at = time.monotonic()
+        return [dict(m) for m in shared.models]
 
     async def model_names(self) -> list[str]:
         return [m["id"] for m in await self.models()]
@@ -424,16 +356,24 @@ class OpenAICompatClient:
         body: dict[str, Any] = {"lora_name": name, "lora_path": str(path)}
         if load_inplace:
             body["load_inplace"] = True
-        await self._request("POST", "/v1/load_lora_adapter", body, retry_statuses=ADMIN_RETRY_STATUS)
+        self._shared.models = None
+        try:
+            await self._request("POST", "/v1/load_lora_adapter", body, retry_statuses=ADMIN_RETRY_STATUS)
+        finally:
+            self._shared.models = None
 
     async def unload_adapter(self, name: str) -> None:
-        await self._request(
-            "POST", "/v1/unload_lora_adapter", {"lora_name": name}, retry_statuses=ADMIN_RETRY_STATUS
-        )
+        self._shared.models = None
+        try:
+            await self._request(
+                "POST", "/v1/unload_lora_adapter", {"lora_name": name}, retry_statuses=ADMIN_RETRY_STATUS
+            )
+        finally:
+            self._shared.models = None
 
     async def health(self, timeout_s: float = 5.0) -> bool:
         with contextlib.suppress(httpx.HTTPError, OSError):
-            resp = await self._http.get("/health", timeout=timeout_s)
+            resp = await self._shared.http.get("/health", timeout=timeout_s)
             return resp.status_code == 200
         return False
 
@@ -444,8 +384,3 @@ class OpenAICompatClient:
                 return
             await asyncio.sleep(interval_s)
         raise ServiceError(f"{self.base_url}: not healthy after {timeout_s:.0f} s")
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine from synchronous code (CLI commands, RQ jobs)."""
-    return asyncio.run(coro)

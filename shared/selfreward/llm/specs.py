@@ -1,4 +1,4 @@
-"""Judge specs: which model judges, through which backend, with which key.
+"""Backend specs: which model answers (a judge, the teacher), through which backend, with which key.
 
     policy:<served-name>        a model (or LoRA adapter) served by the policy service (vLLM)
     policy:self                 the current model M(t): resolved to `self_model` by the caller
@@ -28,21 +28,31 @@ SELF = "self"
 
 
 @dataclass(frozen=True)
-class JudgeSpec:
+class BackendSpec:
     kind: BackendKind
-    model: str
-    base_url: str | None = None  # openai: the server; policy: filled in from policy_url
+    model: str  # policy: the served name, or "self" until resolved
+    base_url: str | None = None  # openai: the server; policy: the policy service once resolved
 
     @property
     def name(self) -> str:
-        """The resolved spec string recorded in verdicts and cache keys."""
+        """The spec string recorded in verdicts and cache keys (resolved: no "self")."""
         if self.kind == "openai":
             return f"openai:{self.base_url}#{self.model}"
         return f"{self.kind}:{self.model}"
 
+    def with_self(self, self_model: str | None) -> BackendSpec:
+        """`policy:self` as `policy:<self_model>` (other specs unchanged)."""
+        if self.kind != "policy" or self.model != SELF:
+            return self
+        if not self_model:
+            raise ConfigError(
+                ["judge 'policy:self' needs the served name of the current model (self_model)"], "judge"
+            )
+        return BackendSpec("policy", self_model, self.base_url)
 
-def parse_spec(spec: str, *, self_model: str | None = None, policy_url: str | None = None) -> JudgeSpec:
-    """Parse and resolve a judge spec; `policy:self` becomes `policy:<self_model>`."""
+
+def read_spec(spec: str) -> BackendSpec:
+    """A spec as written: checked, not resolved (a policy: spec has no URL, `self` stays)."""
     spec = spec.strip()
     if not BACKEND_PATTERN.match(spec):
         raise ConfigError(
@@ -54,20 +64,22 @@ def parse_spec(spec: str, *, self_model: str | None = None, policy_url: str | No
         )
     kind, rest = spec.split(":", 1)
     if kind == "policy":
-        model = rest
-        if model == SELF:
-            if not self_model:
-                raise ConfigError(
-                    ["judge 'policy:self' needs the served name of the current model (self_model)"], "judge"
-                )
-            model = self_model
-        if not policy_url:
-            raise ConfigError([f"judge {spec!r} needs the policy service URL (policy_url)"], "judge")
-        return JudgeSpec("policy", model, policy_url.rstrip("/"))
+        return BackendSpec("policy", rest)
     if kind == "gemini":
-        return JudgeSpec("gemini", rest)
+        return BackendSpec("gemini", rest)
     base_url, model = rest.split("#", 1)
-    return JudgeSpec("openai", model, base_url.rstrip("/"))
+    return BackendSpec("openai", model, base_url.rstrip("/"))
+
+
+def parse_spec(spec: str, *, self_model: str | None = None, policy_url: str | None = None) -> BackendSpec:
+    """Read and resolve a spec: `policy:self` becomes `policy:<self_model>`, a policy spec gets
+    the policy service's URL."""
+    read = read_spec(spec).with_self(self_model)
+    if read.kind != "policy":
+        return read
+    if not policy_url:
+        raise ConfigError([f"judge {spec.strip()!r} needs the policy service URL (policy_url)"], "judge")
+    return BackendSpec("policy", read.model, policy_url.rstrip("/"))
 
 
 def _read_key_file(path: os.PathLike[str] | str) -> str:
@@ -80,16 +92,16 @@ def _read_key_file(path: os.PathLike[str] | str) -> str:
     return key
 
 
-def _teacher_owns(spec: JudgeSpec, teacher: TeacherConfig) -> bool:
+def _teacher_owns(spec: BackendSpec, teacher: TeacherConfig) -> bool:
     if teacher.backend is None:
         return spec.kind == "gemini"
-    owner = parse_spec(teacher.backend, self_model=SELF, policy_url="http://unused")
+    owner = read_spec(teacher.backend)
     if owner.kind != spec.kind:
         return False
     return spec.kind == "gemini" or owner.base_url == spec.base_url
 
 
-def resolve_api_key(spec: JudgeSpec, teacher: TeacherConfig | None) -> str | None:
+def resolve_api_key(spec: BackendSpec, teacher: TeacherConfig | None) -> str | None:
     """The key for `spec` by the rule in this module's docstring (None: send no key)."""
     teacher = teacher or TeacherConfig()
     if spec.kind == "policy":

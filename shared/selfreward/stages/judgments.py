@@ -1,0 +1,74 @@
+"""Iteration stage `judgments`: every candidate scored by the iteration's judge.
+
+The judge is the variant's feedback judge (`RunConfig.feedback_judge`: M(t) itself for
+self-reward, the teacher for teacher-reward), in this process (`selfreward.judging`) or through
+the judge service when `services.judge_url` is set. `selfreward.judging.stage.ajudge_candidates`
+writes judgments.jsonl record by record: a resumed stage judges only what is missing; a
+candidate whose verdicts failed for a backend reason is not written, so a re-run retries it.
+teacher-demo needs no judge: the stage records that and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from selfreward.stages.stage import Stage, StageContext, StageResult
+
+
+class JudgmentsResult(StageResult):
+    skipped: str | None = None
+    judged: int | None = None
+    parse_failures: int | None = None
+    judge: str | None = None
+
+    def summary(self) -> str:
+        if self.skipped:
+            return self.skipped
+        return f"judged={self.judged} parse_failures={self.parse_failures} by {self.judge}"
+
+
+async def run(ctx: StageContext) -> JudgmentsResult:
+    cfg = ctx.config
+    if cfg.variant == "teacher-demo":
+        return JudgmentsResult(skipped="teacher-demo pairs need no judge")
+    from selfreward.judging.stage import ajudge_candidates
+
+    spec = cfg.feedback_judge()
+    judge: Any
+    if cfg.services.judge_url:
+        from selfreward.clients.judge_service import RemoteJudge
+
+        judge = RemoteJudge(
+            cfg.services.judge_url,
+            spec,
+            cfg.judge,
+            self_model=await ctx.served(),
+            # the judge service's bearer token, shared by the deployment's services
+            api_token=os.environ.get("SELFREWARD_API_TOKEN") or None,
+        )
+    else:
+        from selfreward.judging import make_run_judge
+
+        judge = make_run_judge(
+            spec,
+            cfg,
+            policy_url=ctx.url,
+            self_model=await ctx.served(),
+            redis_url=ctx.redis_url,
+            client=ctx.policy,
+        )
+    try:
+        counts = await ajudge_candidates(ctx.file("candidates"), ctx.file("judgments"), judge, ctx.progress)
+    finally:
+        await judge.aclose()
+    return JudgmentsResult(**counts)
+
+
+STAGE = Stage(
+    name="judgments",
+    run=run,
+    queue="judge",
+    result=JudgmentsResult,
+    description="K verdicts per candidate from the feedback judge",
+)

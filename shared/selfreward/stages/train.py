@@ -1,0 +1,37 @@
+"""Iteration stage `train`: M(t+1) = DPO(M(t)) on the iteration's pairs.jsonl.
+
+M(t)'s adapter is trained further and TRL keeps a frozen copy of it as the reference, so the
+reference is M(t) (docs/training.md). Resumes like `sft` (checkpoints; an existing model
+manifest of this exact job is returned as it is).
+"""
+
+from __future__ import annotations
+
+from selfreward.stages.prepare import base_model_dir
+from selfreward.stages.sft import TrainResult
+from selfreward.stages.stage import Stage, StageContext, model_name, never
+
+
+async def run(ctx: StageContext) -> TrainResult:
+    from selfreward.training.request import dpo_request
+    from selfreward.training.runner import run as run_training
+
+    request = dpo_request(
+        ctx.config,
+        pairs=str(ctx.file("pairs")),
+        name=model_name(ctx.t + 1),
+        parent=model_name(ctx.t),
+        base_model=str(base_model_dir(ctx)),
+    )
+    return TrainResult.of(run_training(request, ctx.progress))
+
+
+STAGE = Stage(
+    name="train",
+    run=run,
+    queue="train",
+    result=TrainResult,
+    needs_policy=never,
+    timeout_s=24 * 3600,
+    description="M(t+1) = DPO(M(t)) on the iteration's pairs, reference M(t)",
+)
