@@ -12,20 +12,21 @@ from typing import Any
 import pytest
 
 from selfreward.config import DataConfig
-from selfreward.data import JudgeVerdict, eft_messages, ift_messages, prepare_seed, rank_score
+from selfreward.data import eft_messages, ift_messages, prepare_seed, rank_score
 from selfreward.data.chat import judge_target, justification_of
 from selfreward.data.seed import VERDICTS_FILE
 from selfreward.data.targets import (
     RANK_JUSTIFICATIONS,
     EFTGroup,
-    EFTJudge,
     EFTReply,
     agrees_with_humans,
     downsample_most_frequent,
     rank_targets,
 )
 from selfreward.errors import ConfigError
+from selfreward.judging import Judge, ScoreResult, parse_score
 from selfreward.prompts import JUDGE_TEMPLATE, load_template
+from selfreward.schemas import Verdict
 from selfreward.storage import load_jsonl
 
 # ------------------------------------------------------------------ rank mode
@@ -121,7 +122,13 @@ def tree(tid: str, *replies: tuple[str, int, str]) -> dict[str, Any]:
 
 
 class TableJudge:
-    """A deterministic judge: the verdict for a reply is looked up by the reply's text."""
+    """A scripted Judge (selfreward.judging.protocol): the verdict for a reply is looked up by
+    the reply's text and read with the strict 'Score: N' rule."""
+
+    mode = "sample"
+    concurrency = 4
+    template = load_template(JUDGE_TEMPLATE, kind="score")
+    compare_template = load_template("builtin:alpacaeval-pairwise", kind="compare")
 
     def __init__(self, verdicts: dict[str, str], name: str = "table-judge") -> None:
         self.verdicts = verdicts
@@ -129,13 +136,34 @@ class TableJudge:
         self.calls: list[str] = []
         self.lock = threading.Lock()
 
-    def __call__(self, prompt: str, response: str) -> JudgeVerdict:
+    @property
+    def identity(self) -> str:
+        return self.name
+
+    def verdict(self, response: str) -> ScoreResult:
         with self.lock:
             self.calls.append(response)
         text = self.verdicts[response]
-        label = text.rsplit("Score:", 1)
-        score = float(label[1]) if len(label) == 2 and label[1].strip().isdigit() else None
-        return JudgeVerdict(text, score)
+        score, failure = parse_score(text)
+        return ScoreResult(
+            score=score,
+            verdicts=[Verdict(text=text, score=score, failure=failure)],
+            failures=int(score is None),
+            truncated=False,
+            template_sha256=self.template.sha256,
+            judge=self.name,
+            mode="sample",
+        )
+
+    async def score(self, instruction: str, responses: Any, samples: int | None = None) -> list[ScoreResult]:
+        assert samples == 1  # one sampled verdict per EFT reply
+        return [self.verdict(r) for r in responses]
+
+    async def compare(self, instruction: str, response_a: str, response_b: str) -> Any:
+        raise AssertionError("EFT targets never compare")
+
+    async def aclose(self) -> None:
+        pass
 
 
 def judged_source(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -169,7 +197,7 @@ def test_judge_filtered_keeps_agreeing_groups_and_downsamples(tmp_path: Path) ->
         source=str(src), eval_fraction=0.0, eft_targets="judge-filtered", eft_judge="policy:m1"
     )
     judge = TableJudge(verdicts)
-    assert isinstance(judge, EFTJudge)
+    assert isinstance(judge, Judge)
     m = prepare_seed(config, tmp_path / "out", judge=judge, judge_concurrency=3)
     assert sorted(judge.calls) == sorted(verdicts)  # one call per reply
     assert m.dropped["eft_train.judge_disagrees"] == 2  # tie, inverted
@@ -208,10 +236,10 @@ def test_judge_filtered_resumes_after_a_crash(tmp_path: Path) -> None:
     )
 
     class Crashing(TableJudge):
-        def __call__(self, prompt: str, response: str) -> JudgeVerdict:
+        def verdict(self, response: str) -> ScoreResult:
             if len(self.calls) >= 6:
                 raise RuntimeError("judge backend went away")
-            return super().__call__(prompt, response)
+            return super().verdict(response)
 
     with pytest.raises(RuntimeError, match="went away"):
         prepare_seed(config, tmp_path / "out", judge=Crashing(verdicts), judge_concurrency=1)
@@ -221,30 +249,29 @@ def test_judge_filtered_resumes_after_a_crash(tmp_path: Path) -> None:
     assert len(judge.calls) == 9 and m.eft_targets["new_judge_calls"] == 9 and m.counts["eft_train"] == 7
 
 
-def test_async_judge_is_awaited_with_bounded_concurrency(tmp_path: Path) -> None:
+def test_judge_calls_are_bounded_by_the_judge_concurrency(tmp_path: Path) -> None:
     src, verdicts = judged_source(tmp_path)
     config = DataConfig(
         source=str(src), eval_fraction=0.0, eft_targets="judge-filtered", eft_judge="policy:m1"
     )
-    sync = TableJudge(verdicts)
     in_flight, peak = 0, 0
 
-    class AsyncJudge:
-        name = "table-judge"
-
-        async def __call__(self, prompt: str, response: str) -> JudgeVerdict:
+    class SlowJudge(TableJudge):
+        async def score(
+            self, instruction: str, responses: Any, samples: int | None = None
+        ) -> list[ScoreResult]:
             nonlocal in_flight, peak
             in_flight += 1
             peak = max(peak, in_flight)
             await asyncio.sleep(0.01)
             in_flight -= 1
-            return sync(prompt, response)
+            return await super().score(instruction, responses, samples)
 
-    prepare_seed(config, tmp_path / "async", judge=AsyncJudge(), judge_concurrency=4)
+    prepare_seed(config, tmp_path / "slow", judge=SlowJudge(verdicts), judge_concurrency=4)
     assert peak == 4
-    prepare_seed(config, tmp_path / "sync", judge=TableJudge(verdicts))
+    prepare_seed(config, tmp_path / "fast", judge=TableJudge(verdicts))
     name = "eft_train.jsonl"
-    assert (tmp_path / "async" / name).read_bytes() == (tmp_path / "sync" / name).read_bytes()
+    assert (tmp_path / "slow" / name).read_bytes() == (tmp_path / "fast" / name).read_bytes()
 
 
 def test_judge_filtered_needs_a_judge(tmp_path: Path) -> None:

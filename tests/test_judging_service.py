@@ -158,3 +158,77 @@ def test_failures_retries_and_logprob_mode_over_http(
             )
             == 1
         )
+
+
+def test_remote_judge_speaks_the_judge_protocol(fake: FakeGemini, redis_url: str, redis_conn: Any) -> None:
+    """RemoteJudge is a Judge: score and compare through the service give what an in-process
+    judge of the same spec gives; a service with other templates is refused for either."""
+    import asyncio
+
+    from selfreward.config import JudgeConfig, TeacherConfig
+    from selfreward.errors import ServiceError
+    from selfreward.judging import CompareResult, Judge, RemoteJudge, ScoreResult, make_judge
+
+    replies = {"7": "Prime.\nScore: 5", "8": "Not prime.\nScore: 1"}
+
+    def reply(model: str, prompt: str, body: dict) -> str:
+        if "Best Model Identifier" in prompt:  # the pairwise prompt: "m" when output_1 is the "7"
+            return "m" if '"""7"""' in prompt.split('"model_identifier": "M"')[0] else "M"
+        return next(v for k, v in replies.items() if f"<response>{k}</response>" in prompt)
+
+    fake.reply = reply
+    config = JudgeConfig(samples=1)
+    env = {**service_env(fake, redis_url), "SELFREWARD_JUDGE__SAMPLES": "1"}
+    with judge_service(env) as client:
+        url = str(client.base_url)
+
+        async def go() -> tuple[list[ScoreResult], CompareResult, str]:
+            remote = RemoteJudge(url, "gemini:gemini-test", config, api_token=TOKEN)
+            assert isinstance(remote, Judge) and remote.concurrency == config.concurrency
+            try:
+                scores = await remote.score("Name a prime.", ["7", "8"])
+                comp = await remote.compare("Name a prime.", "7", "8")
+                return scores, comp, remote.name
+            finally:
+                await remote.aclose()
+
+        scores, comp, name = asyncio.run(go())
+        assert [s.score for s in scores] == [5.0, 1.0] and name == "gemini:gemini-test"
+        assert comp.preference == 1.0 and comp.ab.winner == comp.ba.winner == "A"
+
+        async def local() -> CompareResult:
+            judge = make_judge(
+                "gemini:gemini-test", config, teacher=TeacherConfig(gemini_base_url=fake.base_url)
+            )
+            try:
+                return await judge.compare("Name a prime.", "7", "8")
+            finally:
+                await judge.aclose()
+
+        here = asyncio.run(local())
+        assert (here.preference, here.template_sha256, here.judge) == (
+            comp.preference,
+            comp.template_sha256,
+            comp.judge,
+        )
+
+        async def other_template(field: str) -> None:
+            remote = RemoteJudge(url, "gemini:gemini-test", config.model_copy(update={field: str(template)}))
+            remote._api_token = TOKEN
+            try:
+                if field == "template":
+                    await remote.score("Name a prime.", ["7"])
+                else:
+                    await remote.compare("Name a prime.", "7", "8")
+            finally:
+                await remote.aclose()
+
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            template = Path(tmp) / "t.txt"
+            template.write_text("Q: {instruction}\nA: {response}\nA2: {output_1} {output_2}\nScore: N")
+            for field in ("template", "compare_template"):
+                with pytest.raises(ServiceError, match=f"configure the service with the run's judge.{field}"):
+                    asyncio.run(other_template(field))

@@ -106,7 +106,9 @@ def prepare(
     force: bool = typer.Option(False, "--force", help="rebuild even when the folder is up to date"),
 ) -> None:
     """Write ift.jsonl, eft_train.jsonl, eft_eval.jsonl and manifest.json, and print the counts."""
-    from selfreward.data.seed import prepare_seed
+    import asyncio
+
+    from selfreward.data.seed import SeedManifest, aprepare_seed
     from selfreward.progress import Progress
 
     langs = [x.strip() for x in languages.split(",") if x.strip()] if languages is not None else None
@@ -128,15 +130,18 @@ def prepare(
         from selfreward.data.eft_judge import eft_judge_for
 
         judge = eft_judge_for(run)
+
+    async def prepare(progress: Progress) -> SeedManifest:
+        try:
+            return await aprepare_seed(
+                run.data, out_dir, progress, judge=judge, judge_concurrency=judge_concurrency, force=force
+            )
+        finally:
+            if judge is not None:
+                await judge.aclose()
+
     with RichProgressSink(transient=True) as sink:
-        manifest = prepare_seed(
-            run.data,
-            out_dir,
-            progress=Progress(sink),
-            judge=judge,
-            judge_concurrency=judge_concurrency,
-            force=force,
-        )
+        manifest = asyncio.run(prepare(Progress(sink)))
     if manifest.reused:
         console.print(
             f"up to date: {out_dir} already holds this result (same input sha256 and settings); --force rebuilds",

@@ -73,7 +73,7 @@ def score(
 ) -> None:
     """Score every answer in FILE; already-judged records in --out are skipped."""
     from selfreward.judging import make_run_judge
-    from selfreward.judging.stage import judge_candidates
+    from selfreward.judging.files import judge_candidates
     from selfreward.progress import Progress
 
     run_config, spec = _setup(config, judge, samples, mode, structured)
@@ -107,7 +107,7 @@ def compare(
     import asyncio
 
     from selfreward.judging import make_run_judge
-    from selfreward.judging.stage import acompare_rows
+    from selfreward.judging.files import acompare_rows
     from selfreward.progress import Progress
 
     run_config, spec = _setup(config, judge, None, mode, None)

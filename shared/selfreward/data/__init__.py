@@ -8,10 +8,9 @@ from selfreward.data.chat import eft_messages, ift_messages, judge_target, justi
 from selfreward.data.oasst import demo_path, open_source, read_source
 from selfreward.data.seed import SeedManifest, prepare_seed
 from selfreward.data.split import is_eval, split_key
-from selfreward.data.targets import EFTJudge, JudgeVerdict, rank_score
+from selfreward.data.targets import JudgeVerdict, rank_score
 
 __all__ = [
-    "EFTJudge",
     "JudgeVerdict",
     "SeedManifest",
     "demo_path",

@@ -47,7 +47,6 @@ from selfreward.data.targets import (
     RANK_BOTTOM,
     RANK_TOP,
     EFTGroup,
-    EFTJudge,
     EFTReply,
     judge_filtered_targets,
     judge_verdicts,
@@ -55,6 +54,7 @@ from selfreward.data.targets import (
     rank_targets,
 )
 from selfreward.errors import ConfigError, EmptyResultError
+from selfreward.judging.protocol import Judge
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.schemas import EFTEvalRecord, EFTTrainRecord, IFTRecord
 from selfreward.storage import read_manifest, sha256_file, sha256_text, write_jsonl_atomic, write_manifest
@@ -177,12 +177,12 @@ def _settings(config: DataConfig) -> dict[str, Any]:
     return settings
 
 
-def _stage_key(config: DataConfig, source_sha256: str, judge: EFTJudge | None) -> str:
+def _stage_key(config: DataConfig, source_sha256: str, judge: Judge | None) -> str:
     body = {
         "format_version": FORMAT_VERSION,
         "source_sha256": source_sha256,
         "settings": _settings(config),
-        "judge": judge.name if judge is not None and config.eft_targets == "judge-filtered" else None,
+        "judge": judge.identity if judge is not None and config.eft_targets == "judge-filtered" else None,
     }
     return sha256_text(json.dumps(body, sort_keys=True))
 
@@ -207,14 +207,14 @@ def prepare_seed(
     config: DataConfig,
     out_dir: Path,
     progress: Progress = NULL_PROGRESS,
-    judge: EFTJudge | None = None,
+    judge: Judge | None = None,
     judge_concurrency: int = 4,
     force: bool = False,
 ) -> SeedManifest:
     """Write ift.jsonl, eft_train.jsonl, eft_eval.jsonl and manifest.json into `out_dir`.
 
-    `judge` is required when `config.eft_targets` is "judge-filtered" (see
-    `selfreward.data.targets.EFTJudge`). Returns the manifest; `manifest.reused` is True when
+    `judge` (any `selfreward.judging.Judge`) is required when `config.eft_targets` is
+    "judge-filtered" (`selfreward.data.eft_judge.eft_judge_for` builds it from the run config). Returns the manifest; `manifest.reused` is True when
     the folder already held this exact result (same input hash and settings) and nothing ran.
     Synchronous (one event loop of its own); `aprepare_seed` is the same inside a running loop.
     """
@@ -225,7 +225,7 @@ async def aprepare_seed(
     config: DataConfig,
     out_dir: Path,
     progress: Progress = NULL_PROGRESS,
-    judge: EFTJudge | None = None,
+    judge: Judge | None = None,
     judge_concurrency: int = 4,
     force: bool = False,
 ) -> SeedManifest:
@@ -256,7 +256,7 @@ async def _build(
     source: Source,
     forest: Forest,
     key: str,
-    judge: EFTJudge | None,
+    judge: Judge | None,
     judge_concurrency: int,
     progress: Progress,
 ) -> SeedManifest:
@@ -344,7 +344,7 @@ async def _build(
         dropped["eft_train.judge_disagrees"] = stats.groups_disagree
         dropped["eft_train.downsampled"] = stats.rows_downsampled
         targets_info.update(
-            judge=judge.name,
+            judge=judge.identity,
             judge_backend=config.eft_judge,
             new_judge_calls=new_calls,
             verdicts_file=VERDICTS_FILE,

@@ -28,17 +28,17 @@ the split salt and reproducible.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from selfreward.data.chat import justification_of
-from selfreward.progress import NULL_PROGRESS, Progress, Task
+from selfreward.errors import ServiceError
+from selfreward.judging.protocol import Judge
+from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.storage import ResumableJsonl, sha256_text
 
 RANK_TOP, RANK_BOTTOM = 5, 2
@@ -123,23 +123,6 @@ class JudgeVerdict:
     score: float | None
 
 
-@runtime_checkable
-class EFTJudge(Protocol):
-    """What the judge-filtered mode needs from a judge (selfreward.judging provides real ones).
-
-    `name` identifies the judge and its prompt (model, template version, sampling): cached
-    verdicts are reused only under the same name. Calling it with (prompt, response) returns
-    a `JudgeVerdict`, or an awaitable of one: an async judge (an HTTP client) is awaited,
-    `concurrency` calls at a time, in one event loop, and its `async aclose()`, if it has one,
-    is awaited in that loop at the end; a plain function runs in worker threads.
-    `selfreward.data.eft_judge.eft_judge_for(run_config)` builds one from `data.eft_judge`.
-    """
-
-    name: str
-
-    def __call__(self, prompt: str, response: str) -> JudgeVerdict | Awaitable[JudgeVerdict]: ...
-
-
 def _integer_score(score: float | None) -> int | None:
     if score is None or isinstance(score, bool):
         return None
@@ -190,76 +173,58 @@ def _verdict_key(judge_name: str, prompt: str, response: str) -> str:
     return sha256_text(json.dumps([judge_name, prompt, response], ensure_ascii=False))
 
 
-def _is_async(judge: EFTJudge) -> bool:
-    call = judge if inspect.isfunction(judge) or inspect.ismethod(judge) else type(judge).__call__
-    return inspect.iscoroutinefunction(call)
-
-
 async def judge_verdicts(
     groups: Sequence[EFTGroup],
-    judge: EFTJudge,
+    judge: Judge,
     cache_path: Path,
     concurrency: int = 4,
     progress: Progress = NULL_PROGRESS,
 ) -> tuple[dict[str, JudgeVerdict], int]:
-    """A verdict for every reply (by reply id). Verdicts are appended to `cache_path` as they come
-    (keyed by judge name, prompt and response), so an interrupted run asks the judge only for the
-    missing ones. Returns (verdicts, number of new judge calls)."""
+    """A verdict for every reply (by reply id): ONE sampled verdict each (`judge.score` with K=1),
+    whose text and score become the EFT target. Verdicts are appended to `cache_path` as they
+    come (keyed by the judge's identity, prompt and response) through
+    `selfreward.judging.rows.judge_rows`, so an interrupted run asks the judge only for the
+    missing ones. A verdict that failed for a backend reason is not kept: the others are, and a
+    ServiceError counts the missing ones (run again to judge them). Returns (verdicts, number
+    of new judge calls)."""
+    from selfreward.judging.rows import Judged, judge_rows
+
     wanted: dict[str, tuple[str, str, list[str]]] = {}  # key -> (prompt, response, reply ids)
     for g in groups:
         for r in g.replies:
-            key = _verdict_key(judge.name, g.prompt, r.text)
+            key = _verdict_key(judge.identity, g.prompt, r.text)
             wanted.setdefault(key, (g.prompt, r.text, []))[2].append(r.id)
-    by_key: dict[str, JudgeVerdict] = {}
+
+    async def one(unit: list[str]) -> list[Judged]:
+        (key,) = unit
+        prompt, response, reply_ids = wanted[key]
+        (result,) = await judge.score(prompt, [response], samples=1)
+        verdict = result.verdicts[0]
+        record = {
+            "key": key,
+            "judge": judge.identity,
+            "reply_ids": reply_ids,
+            "text": verdict.text,
+            "score": verdict.score,
+        }
+        return [Judged(key, record, result.transient_failure)]
+
     with ResumableJsonl(cache_path, key=lambda rec: rec["key"]) as store:
         todo = [key for key in wanted if key not in store]
-        for key in wanted.keys() - set(todo):
-            by_key[key] = JudgeVerdict(store.records[key]["text"], store.records[key]["score"])
         with progress.task("judge EFT replies", len(todo)) as task:
-            await _ask_all(judge, todo, wanted, store, by_key, concurrency, task)
-    verdicts = {rid: by_key[key] for key, (_, _, ids) in wanted.items() for rid in ids}
-    return verdicts, len(todo)
-
-
-async def _ask_all(
-    judge: EFTJudge,
-    todo: list[str],
-    wanted: dict[str, tuple[str, str, list[str]]],
-    store: ResumableJsonl,
-    by_key: dict[str, JudgeVerdict],
-    concurrency: int,
-    task: Task,
-) -> None:
-    limit = asyncio.Semaphore(max(1, concurrency))
-    run_async = _is_async(judge)
-
-    async def one(key: str) -> None:
-        prompt, response, reply_ids = wanted[key]
-        async with limit:
-            if run_async:
-                verdict = await judge(prompt, response)  # type: ignore[misc]
-            else:
-                verdict = await asyncio.to_thread(judge, prompt, response)
-        if not isinstance(verdict, JudgeVerdict):
-            raise TypeError(f"judge {judge.name!r} returned {type(verdict).__name__}, not a JudgeVerdict")
-        store.append(
-            {
-                "key": key,
-                "judge": judge.name,
-                "reply_ids": reply_ids,
-                "text": verdict.text,
-                "score": verdict.score,
-            }
+            report = await judge_rows(
+                list(wanted), key=lambda k: k, judge=one, store=store, concurrency=concurrency, task=task
+            )
+    if report.transient:
+        first = report.transient[0]
+        raise ServiceError(
+            f"judge {judge.name}: {len(report.transient)} EFT repl(ies) got no verdict because the judge "
+            f"backend failed (first: {first.transient}); the {len(report.written)} others are kept in "
+            f"{cache_path}: run again to judge the rest"
         )
-        by_key[key] = verdict
-        task.advance(1)
-
-    try:
-        await asyncio.gather(*(one(key) for key in todo))
-    finally:
-        aclose = getattr(judge, "aclose", None)
-        if aclose is not None and inspect.iscoroutinefunction(aclose):
-            await aclose()  # an async judge's connections belong to this event loop
+    by_key = {k: JudgeVerdict(r["text"], r["score"]) for k, r in report.records.items() if k in wanted}
+    verdicts = {rid: by_key[key] for key, (_, _, ids) in wanted.items() for rid in ids}
+    return verdicts, len(report.new)
 
 
 def judge_filtered_targets(

@@ -20,8 +20,9 @@ from selfreward.evaluation.metrics.alpaca import (
     write_outputs,
 )
 from selfreward.evaluation.metrics.winrate import head_to_head
-from selfreward.evaluation.pairwise import PairItem, PairJudge, judge_pairs
+from selfreward.evaluation.pairwise import PairItem, judge_pairs
 from selfreward.evaluation.prompt_sets import EvalPrompt, seeded_subset
+from selfreward.judging.protocol import Judge
 from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
@@ -82,7 +83,7 @@ async def run_alpaca(
     client: OpenAICompatClient | None,
     settings: GenerationSettings = GenerationSettings(),
     reference_path: Path | None = None,
-    judge: PairJudge | None = None,
+    judge: Judge | None = None,
     judge_name: str | None = None,
     difficulty: dict[str, float] | None = None,
     bootstrap_samples: int = 1000,

@@ -16,7 +16,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from selfreward.errors import ConfigError, InputError
 from selfreward.evaluation.metrics.alpaca import read_outputs
@@ -142,18 +141,3 @@ async def collect_answers(
     return await generate_answers(
         side, prompts, client=client, store_path=store, settings=settings, progress=progress
     )
-
-
-def jsonable(obj: Any) -> Any:
-    """A judge result's parts as JSON (pydantic models, dataclasses, plain values)."""
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
-    if hasattr(obj, "__dataclass_fields__"):
-        return {k: jsonable(v) for k, v in asdict(obj).items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    return str(obj)

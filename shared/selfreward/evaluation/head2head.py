@@ -9,8 +9,9 @@ from typing import Any
 
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, collect_answers, safe_name
 from selfreward.evaluation.metrics.winrate import head_to_head
-from selfreward.evaluation.pairwise import PairItem, PairJudge, judge_pairs
+from selfreward.evaluation.pairwise import PairItem, judge_pairs
 from selfreward.evaluation.prompt_sets import EvalPrompt
+from selfreward.judging.protocol import Judge
 from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
@@ -23,7 +24,7 @@ async def run_head2head(
     b: AnswerSide,
     prompts: Sequence[EvalPrompt],
     *,
-    judge: PairJudge,
+    judge: Judge,
     judge_name: str,
     client: OpenAICompatClient | None,
     work_dir: Path,

@@ -25,9 +25,9 @@ from selfreward.config import RunConfig
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, safe_name
 from selfreward.evaluation.head2head import run_head2head
 from selfreward.evaluation.metrics.reward_model import compare_with_human, read_scores
-from selfreward.evaluation.pairwise import PairJudge
 from selfreward.evaluation.prompt_sets import load_prompt_set, seeded_subset
-from selfreward.evaluation.reward_model import ScoreJudge, reward_model_plot, score_eft
+from selfreward.evaluation.reward_model import reward_model_plot, score_eft
+from selfreward.judging.protocol import Judge
 from selfreward.llm.openai import OpenAICompatClient
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
@@ -85,12 +85,12 @@ async def evaluate_iteration(
     t: int,
     new_model: str,
     baseline_model: str | None,
-    judge: PairJudge | None,
+    judge: Judge | None,
     client: OpenAICompatClient,
     progress: Progress = NULL_PROGRESS,
     *,
     judge_name: str | None = None,
-    rm_judge: ScoreJudge | None = None,
+    rm_judge: Judge | None = None,
     rm_judge_name: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate M(t+1) = `new_model` (served name) after iteration t; returns report.json's data."""
@@ -102,7 +102,7 @@ async def evaluate_iteration(
         "iteration": t,
         "model": new_model,
         "baseline": baseline_model,
-        "judge": judge_name or getattr(judge, "name", None) or eval_judge_spec(config),
+        "judge": judge_name or (judge.name if judge is not None else eval_judge_spec(config)),
         "prompts": config.eval.prompts,
         "head2head": None,
         "reward_model": None,
@@ -135,7 +135,7 @@ async def evaluate_iteration(
     if config.eval.reward_model and rm_judge is not None:
         eft_path = layout.seed_dir / "eft_eval.jsonl"
         records = seeded_subset(read_records(eft_path, EFTEvalRecord), config.eval.max_prompts, config.seed)
-        name = rm_judge_name or getattr(rm_judge, "name", None) or f"policy:{new_model}"
+        name = rm_judge_name or rm_judge.name
         scored = await score_eft(
             rm_judge,
             records,

@@ -4,25 +4,22 @@ Each verdict is one record of a JSONL store keyed by prompt id, a hash of the in
 both answers, and the judge: a re-run judges only what is missing, and a changed answer is
 judged again. Identical answers are not sent to the judge: they are a tie (0.5).
 A comparison whose `failure` is set has no preference (None): it is excluded from the rates
-and counted as a failure. Transient failures (the backend failed after its retries, or the
-context overflowed) are not stored, so a re-run tries them again.
+and counted as a failure. Transient failures (the backend failed after its retries:
+selfreward.judging.protocol) are not stored, so a re-run tries them again. The loop is
+`selfreward.judging.rows.judge_rows`, like every judging of rows.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from selfreward.evaluation.answers import jsonable
+from selfreward.judging.protocol import Judge
+from selfreward.judging.rows import Judged, judge_rows
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.storage import ResumableJsonl, sha256_text
-
-
-class PairJudge(Protocol):
-    async def compare(self, instruction: str, response_a: str, response_b: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -37,21 +34,13 @@ class PairItem:
         return self.output_a.strip() == self.output_b.strip()
 
 
-TRANSIENT_FAILURES = ("backend_error", "context_overflow")
-
-
-def is_transient(failure: str | None) -> bool:
-    """A failure that says nothing about the answers (selfreward.judging's transient kinds)."""
-    return failure is not None and any(kind in failure for kind in TRANSIENT_FAILURES)
-
-
 def verdict_key(item: PairItem, judge_name: str) -> str:
     digest = sha256_text("\0".join((item.instruction, item.output_a, item.output_b)))[:16]
     return f"{item.prompt_id}|{digest}|{judge_name}"
 
 
 async def judge_pairs(
-    judge: PairJudge,
+    judge: Judge,
     items: Sequence[PairItem],
     *,
     judge_name: str,
@@ -60,38 +49,44 @@ async def judge_pairs(
     task_name: str = "judging pairs",
 ) -> list[dict[str, Any]]:
     """One verdict record per item (same order): preference (1 = A better) or None on failure."""
-    transient: dict[str, dict[str, Any]] = {}
+    failed = [0]
+
+    async def one(unit: list[PairItem]) -> list[Judged]:
+        (it,) = unit
+        record: dict[str, Any] = {
+            "key": verdict_key(it, judge_name),
+            "prompt_id": it.prompt_id,
+            "judge": judge_name,
+            "identical": it.identical,
+        }
+        transient = None
+        if it.identical:
+            record.update(preference=0.5, failure=None)
+        else:
+            comp = await judge.compare(it.instruction, it.output_a, it.output_b)
+            transient = comp.transient_failure
+            record.update(
+                preference=None if comp.failure else float(comp.preference),
+                failure=comp.failure,
+                ab=comp.ab.model_dump(mode="json"),
+                ba=comp.ba.model_dump(mode="json"),
+            )
+        failed[0] += bool(record["failure"])
+        return [Judged(record["key"], record, transient)]
+
     with ResumableJsonl(store_path, key=lambda r: str(r["key"])) as store:
-        todo = [it for it in items if verdict_key(it, judge_name) not in store]
-        task = progress.task(task_name, len(items), done=len(items) - len(todo))
-        failed = [sum(1 for r in store.records.values() if r.get("failure"))]
-
-        async def one(it: PairItem) -> None:
-            record: dict[str, Any] = {
-                "key": verdict_key(it, judge_name),
-                "prompt_id": it.prompt_id,
-                "judge": judge_name,
-                "identical": it.identical,
-            }
-            if it.identical:
-                record.update(preference=0.5, failure=None)
-            else:
-                comp = await judge.compare(it.instruction, it.output_a, it.output_b)
-                failure = getattr(comp, "failure", None)
-                record.update(
-                    preference=None if failure else float(comp.preference),
-                    failure=failure,
-                    ab=jsonable(getattr(comp, "ab", None)),
-                    ba=jsonable(getattr(comp, "ba", None)),
-                )
-            if is_transient(record["failure"]):
-                transient[record["key"]] = record
-            else:
-                store.append(record)
-            failed[0] += bool(record["failure"])
-            task.advance(1, failures=failed[0])
-
-        await asyncio.gather(*(one(it) for it in todo))
+        keyed = {verdict_key(it, judge_name): it for it in items}
+        todo = sum(1 for k in keyed if k not in store)
+        failed[0] = sum(1 for r in store.records.values() if r.get("failure"))
+        task = progress.task(task_name, len(items), done=len(items) - todo)
+        report = await judge_rows(
+            list(items),
+            key=lambda it: verdict_key(it, judge_name),
+            judge=one,
+            store=store,
+            concurrency=max(2, judge.concurrency * 2),
+            task=task,
+            on_result=lambda _: {"failures": failed[0]},
+        )
         task.close()
-        done = {**store.records, **transient}
-        return [done[verdict_key(it, judge_name)] for it in items]
+    return [report.records[verdict_key(it, judge_name)] for it in items]

@@ -3,7 +3,7 @@ the scores with human ranks or with a reference judge's scores (selfreward.evalu
 
 `score_eft` writes the scores format (one record per EFT-eval record: prompt_id = record id,
 completion key = the reply's position in `replies`, with its message_id, content and score,
--1 when every verdict was unparseable). It is resumable: records already written are kept.
+-1 when every verdict was unparseable). It is resumable (`selfreward.judging.rows.judge_rows`): records already written are kept.
 A record with a reply left unscored only by transient failures (backend errors after the
 judge's retries) is not written, so a re-run scores it again; until then the comparison
 counts that prompt as present only in the reference.
@@ -11,11 +11,9 @@ counts that prompt as present only in the reference.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from selfreward.errors import ServiceError
 from selfreward.evaluation.metrics.reward_model import (
@@ -25,7 +23,8 @@ from selfreward.evaluation.metrics.reward_model import (
     read_scores,
     scores_record,
 )
-from selfreward.evaluation.pairwise import is_transient
+from selfreward.judging.protocol import Judge, is_transient
+from selfreward.judging.rows import Judged, judge_rows
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
 from selfreward.reports.markdown import reward_model_markdown
@@ -41,14 +40,8 @@ class ScoredEft:
     retry_later: list[str]  # "<record id>: <failure>" of records left for a re-run (transient failures)
 
 
-class ScoreJudge(Protocol):
-    async def score(
-        self, instruction: str, responses: list[str], samples: int | None = None
-    ) -> list[Any]: ...
-
-
 async def score_eft(
-    judge: ScoreJudge,
+    judge: Judge,
     records: Sequence[EFTEvalRecord],
     *,
     judge_name: str,
@@ -61,35 +54,50 @@ async def score_eft(
     Raises ServiceError when no record at all could be scored (every one hit transient
     failures), naming the first failure.
     """
+
+    async def one(unit: list[EFTEvalRecord]) -> list[Judged]:
+        (rec,) = unit
+        results = await judge.score(rec.prompt, [r.text for r in rec.replies], samples=samples)
+        responses = [
+            {
+                "content": reply.text,
+                "message_id": reply.message_id,
+                "score": res.score,
+                "verdicts": len(res.verdicts),
+                "failures": res.failures,
+                "truncated": res.truncated,
+            }
+            for reply, res in zip(rec.replies, results, strict=True)
+        ]
+        transient = next(
+            (
+                next(v.failure for v in res.verdicts if v.failure)
+                for res in results
+                if res.score is None and res.verdicts and all(is_transient(v.failure) for v in res.verdicts)
+            ),
+            None,
+        )
+        return [Judged(rec.id, scores_record(rec.id, rec.prompt, responses, judge=judge_name), transient)]
+
+    retry_later: list[str] = []
+
+    def note(judged: Judged) -> dict[str, int]:
+        if judged.transient is not None:
+            retry_later.append(f"{judged.key}: {judged.transient}")
+        return {"retry_later": len(retry_later)}
+
     with ResumableJsonl(out_path, key=lambda r: str(r["prompt_id"])) as store:
-        todo = [r for r in records if r.id not in store]
-        task = progress.task(f"scoring EFT eval ({judge_name})", len(records), done=len(records) - len(todo))
-        retry_later: list[str] = []
-
-        async def one(rec: EFTEvalRecord) -> None:
-            results = await judge.score(rec.prompt, [r.text for r in rec.replies], samples=samples)
-            responses = [
-                {
-                    "content": reply.text,
-                    "message_id": reply.message_id,
-                    "score": res.score,
-                    "verdicts": len(res.verdicts),
-                    "failures": res.failures,
-                    "truncated": res.truncated,
-                }
-                for reply, res in zip(rec.replies, results, strict=True)
-            ]
-            transient = any(
-                res.score is None and all(is_transient(v.failure) for v in res.verdicts) for res in results
-            )
-            if transient:
-                failure = next(v.failure for res in results for v in res.verdicts if v.failure)
-                retry_later.append(f"{rec.id}: {failure}")
-            else:
-                store.append(scores_record(rec.id, rec.prompt, responses, judge=judge_name))
-            task.advance(1, retry_later=len(retry_later))
-
-        await asyncio.gather(*(one(r) for r in todo))
+        done = sum(1 for r in records if r.id in store)
+        task = progress.task(f"scoring EFT eval ({judge_name})", len(records), done=done)
+        await judge_rows(
+            list(records),
+            key=lambda r: r.id,
+            judge=one,
+            store=store,
+            concurrency=max(2, judge.concurrency * 2),
+            task=task,
+            on_result=note,
+        )
         task.close()
         written = len(store)
     if written == 0 and retry_later:

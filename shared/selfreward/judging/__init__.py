@@ -1,25 +1,36 @@
-"""LLM-as-a-Judge over the policy, Gemini or any OpenAI-compatible teacher (docs/judge.md).
+"""LLM-as-a-Judge (docs/judge.md): one judge protocol, in process or over HTTP.
 
-from selfreward.judging import make_judge
-judge = make_judge("policy:self", config.judge, policy_url=..., self_model="m1", redis_url=...)
-judge = make_run_judge("policy:self", run_config, self_model="m1")  # the run's judge/teacher/services
-results = await judge.score(instruction, responses)        # list[ScoreResult]
-comp = await judge.compare(instruction, response_a, response_b)  # CompareResult
-await judge.aclose()
+    from selfreward.judging import make_judge, make_run_judge
+    judge = make_judge("policy:self", config.judge, policy_url=..., self_model="m1", redis_url=...)
+    judge = make_run_judge("policy:self", run_config, self_model="m1")  # judge/teacher/services
+    results = await judge.score(instruction, responses)              # list[ScoreResult]
+    comp = await judge.compare(instruction, response_a, response_b)  # CompareResult
+    await judge.aclose()
+
+- `protocol`: the `Judge` protocol, its typed results, the failure rule;
+- `judge`: `LLMJudge` (a model through selfreward.llm), `make_judge`, `make_run_judge`;
+- `remote`: `RemoteJudge`, the same protocol answered by the judge service;
+- `rows`: `judge_rows`, the one resumable loop every judgments file is written by;
+- `files`: candidates -> judgments.jsonl, answer pairs -> comparisons;
+- `parsing`, `truncation`, `cache`: the strict verdict rules, the truncation rule, the verdict cache.
 """
 
 from selfreward.judging.cache import VerdictCache, cache_key
-from selfreward.judging.judge import (
+from selfreward.judging.files import acompare_rows, ajudge_candidates, judge_candidates, read_judge_inputs
+from selfreward.judging.judge import LLMJudge, make_judge, make_run_judge
+from selfreward.judging.parsing import expected_score, parse_score, parse_winner
+from selfreward.judging.protocol import (
     CompareResult,
     Judge,
     JudgeObserver,
     PairVerdict,
     ScoreResult,
-    make_judge,
-    make_run_judge,
+    ShownVerdict,
+    failure_kind,
+    is_transient,
 )
-from selfreward.judging.parsing import expected_score, parse_score, parse_winner
-from selfreward.judging.stage import acompare_rows, ajudge_candidates, judge_candidates, read_judge_inputs
+from selfreward.judging.remote import RemoteJudge
+from selfreward.judging.rows import Judged, judge_rows
 from selfreward.judging.truncation import TRUNCATION_MARK, truncate_chars
 
 __all__ = [
@@ -27,14 +38,21 @@ __all__ = [
     "CompareResult",
     "Judge",
     "JudgeObserver",
+    "Judged",
+    "LLMJudge",
     "PairVerdict",
+    "RemoteJudge",
     "ScoreResult",
+    "ShownVerdict",
     "VerdictCache",
     "acompare_rows",
     "ajudge_candidates",
     "cache_key",
     "expected_score",
+    "failure_kind",
+    "is_transient",
     "judge_candidates",
+    "judge_rows",
     "make_judge",
     "make_run_judge",
     "parse_score",

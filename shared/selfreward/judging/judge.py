@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from selfreward.config import JudgeConfig, RunConfig, TeacherConfig
 from selfreward.errors import ConfigError, ServiceError
 from selfreward.judging.cache import VerdictCache, cache_key
@@ -39,6 +37,17 @@ from selfreward.judging.parsing import (
     parse_score,
     parse_winner,
     score_position,
+)
+from selfreward.judging.protocol import (
+    CompareResult,
+    JudgeObserver,
+    Mode,
+    PairVerdict,
+    ScoreResult,
+    ShownVerdict,
+    failure_kind,
+    is_cacheable,
+    judge_identity,
 )
 from selfreward.judging.truncation import shrink_for_overflow, truncate_chars
 from selfreward.llm.backend import (
@@ -56,7 +65,6 @@ from selfreward.llm.specs import BackendSpec, parse_spec
 from selfreward.prompts import Template, load_template
 from selfreward.schemas import Verdict
 
-Mode = Literal["sample", "logprob"]
 SCORE_PREFILL = "Score: "
 # tokens that stay free after the prompt: the verdict (sample) or a few tokens (logprob, pairwise)
 SHORT_RESERVE = 8
@@ -88,60 +96,8 @@ class Fitted:
     room: int | None  # tokens left after the prompt (a lower bound), where the backend reports it
 
 
-class ScoreResult(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-    score: float | None  # mean of the parsed scores; None when every verdict failed
-    verdicts: list[Verdict]
-    failures: int
-    truncated: bool
-    template_sha256: str
-    judge: str
-    mode: Mode
-    cached: int = 0  # verdicts served from the cache
-
-
-class PairVerdict(BaseModel):
-    order: Literal["ab", "ba"]  # ab: A shown as output_1; ba: A shown as output_2
-    text: str
-    winner: Literal["A", "B"] | None = None  # in the caller's terms
-    p_a: float | None = None  # logprob mode: probability that A is better in this order
-    failure: str | None = None
-    cached: bool = False
-
-
-class CompareResult(BaseModel):
-    preference: float  # 1.0 = A better, 0.0 = B better, 0.5 = tie/disagreement/failure
-    ab: PairVerdict
-    ba: PairVerdict
-    failure: str | None
-    truncated: bool
-    template_sha256: str
-    judge: str
-    mode: Mode
-
-
-class JudgeObserver:
-    """Hooks for metrics (the HTTP service counts them in Prometheus); no-ops by default."""
-
-    def cache(self, hits: int, misses: int) -> None:
-        pass
-
-    def failure(self, kind: str) -> None:
-        pass
-
-    def backend_call(self, backend: str, seconds: float, ok: bool) -> None:
-        pass
-
-    def retry(self, backend: str, exc: BaseException) -> None:
-        pass
-
-
-def failure_kind(failure: str) -> str:
-    return failure.split(":", 1)[0].strip()
-
-
-class Judge:
-    """Scores and compares responses with one backend; see the module docstring."""
+class LLMJudge:
+    """A `Judge` (selfreward.judging.protocol) over one model backend; see the module docstring."""
 
     def __init__(
         self,
@@ -166,6 +122,14 @@ class Judge:
     @property
     def mode(self) -> Mode:
         return self.config.mode
+
+    @property
+    def concurrency(self) -> int:
+        return self.config.concurrency
+
+    @property
+    def identity(self) -> str:
+        return judge_identity(self.name, self.template, self.config)
 
     # ------------------------------------------------------------ helpers
 
@@ -303,7 +267,7 @@ class Judge:
                 verdicts[i] = v
                 if v.failure is not None:
                     self._failed(v.failure)
-                if v.failure is None or not _transient_failure(v.failure):
+                if is_cacheable(v.failure):
                     to_cache[keys[i]] = v.model_dump(mode="json")
             if self.cache is not None:
                 await self.cache.put_many(to_cache)
@@ -457,12 +421,12 @@ class Judge:
         }
         hits = await self.cache.get_many([keys["ab"], keys["ba"]]) if self.cache is not None else [None, None]
         self.observer.cache(sum(h is not None for h in hits), sum(h is None for h in hits))
-        raw: dict[str, dict[str, Any]] = {}
+        raw: dict[str, ShownVerdict] = {}
         cached: dict[str, bool] = {}
         todo = []
         for order, hit in zip(("ab", "ba"), hits, strict=True):
             if hit is not None:
-                raw[order], cached[order] = hit, True
+                raw[order], cached[order] = ShownVerdict.model_validate(hit), True
             else:
                 todo.append(order)
         fresh = await asyncio.gather(*(self._pair_verdict(instruction, *texts[o], params) for o in todo))
@@ -471,10 +435,10 @@ class Judge:
         for order, (verdict, was_cut) in zip(todo, fresh, strict=True):
             raw[order], cached[order] = verdict, False
             context_cut = context_cut or was_cut
-            if verdict["failure"] is not None:
-                self._failed(verdict["failure"])
-            if verdict["failure"] is None or not _transient_failure(verdict["failure"]):
-                to_cache[keys[order]] = verdict
+            if verdict.failure is not None:
+                self._failed(verdict.failure)
+            if is_cacheable(verdict.failure):
+                to_cache[keys[order]] = verdict.model_dump(mode="json", exclude_unset=True)
         if self.cache is not None:
             await self.cache.put_many(to_cache)
         ab = self._oriented("ab", raw["ab"], cached["ab"])
@@ -492,10 +456,9 @@ class Judge:
         )
 
     @staticmethod
-    def _oriented(order: Literal["ab", "ba"], raw: dict[str, Any], cached: bool) -> PairVerdict:
+    def _oriented(order: Literal["ab", "ba"], raw: ShownVerdict, cached: bool) -> PairVerdict:
         """A verdict about (output_1, output_2) expressed in the caller's A/B terms."""
-        first = raw.get("first")  # 1 or 2: which shown output won
-        p_first = raw.get("p_first")  # probability that output_1 is better
+        first, p_first = raw.first, raw.p_first
         a_is_first = order == "ab"
         winner = None
         if first in (1, 2):
@@ -504,23 +467,18 @@ class Judge:
         if p_first is not None:
             p_a = p_first if a_is_first else 1.0 - p_first
         return PairVerdict(
-            order=order,
-            text=raw.get("text", ""),
-            winner=winner,
-            p_a=p_a,
-            failure=raw.get("failure"),
-            cached=cached,
+            order=order, text=raw.text, winner=winner, p_a=p_a, failure=raw.failure, cached=cached
         )
 
     async def _pair_verdict(
         self, instruction: str, out1: str, out2: str, params: dict[str, Any]
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[ShownVerdict, bool]:
         fitted = await self._fit(
             self.compare_template, instruction, [out1, out2], ("output_1", "output_2"), SHORT_RESERVE, None
         )
         prompt, cut = fitted.prompt, fitted.cut
         if prompt is None:
-            return {"text": "", "failure": CONTEXT_OVERFLOW}, cut
+            return ShownVerdict(text="", failure=CONTEXT_OVERFLOW), cut
         if self.mode == "sample":
             structured = bool(params.get("structured"))
             outs = await self._generate(
@@ -532,12 +490,12 @@ class Judge:
                 constraint=Constraint(choice=PAIR_IDS) if structured else None,
             )
             if isinstance(outs, str):
-                return {"text": "", "failure": outs}, cut
+                return ShownVerdict(text="", failure=outs), cut
             out = outs[0]
             if out.blocked:
-                return {"text": out.text, "failure": f"blocked: {out.blocked}"}, cut
+                return ShownVerdict(text=out.text, failure=f"blocked: {out.blocked}"), cut
             first, failure = parse_winner(out.text)
-            return {"text": out.text, "first": first, "failure": failure, "constrained": structured}, cut
+            return ShownVerdict(text=out.text, first=first, failure=failure, constrained=structured), cut
         outs = await self._generate(
             prompt,
             n=1,
@@ -548,39 +506,36 @@ class Judge:
             label_tokens=PAIR_IDS,
         )
         if isinstance(outs, str):
-            return {"text": "", "failure": outs}, cut
+            return ShownVerdict(text="", failure=outs), cut
         out = outs[0]
         if not out.top_logprobs:
-            return {"text": out.text, "failure": "no_logprobs: the backend returned no logprobs"}, cut
+            return ShownVerdict(text=out.text, failure="no_logprobs: the backend returned no logprobs"), cut
         probs, mass = label_distribution(out.top_logprobs[0], PAIR_IDS)
         if not probs:
-            return {"text": out.text, "failure": "no_label_tokens: neither m nor M among the logprobs"}, cut
+            return ShownVerdict(
+                text=out.text, failure="no_label_tokens: neither m nor M among the logprobs"
+            ), cut
         p_first = probs.get(PAIR_IDS[0], 0.0)
         first = 1 if p_first > 0.5 else 2 if p_first < 0.5 else None
-        return {"text": out.text, "first": first, "p_first": p_first, "mass": mass, "failure": None}, cut
+        return ShownVerdict(text=out.text, first=first, p_first=p_first, mass=mass, failure=None), cut
 
     # ------------------------------------------------------------ lifecycle
 
-    def with_config(self, config: JudgeConfig) -> Judge:
+    def with_config(self, config: JudgeConfig) -> LLMJudge:
         """A judge with other settings (e.g. mode) sharing this one's backend, so its concurrency
         bound and rate limit, and its cache. Backend settings (limits, retries) stay this judge's."""
-        return Judge(self.spec, config, self.backend, self.cache, self.observer)
+        return LLMJudge(self.spec, config, self.backend, self.cache, self.observer)
 
     async def aclose(self) -> None:
         await self.backend.aclose()
         if self.cache is not None:
             await self.cache.aclose()
 
-    async def __aenter__(self) -> Judge:
+    async def __aenter__(self) -> LLMJudge:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _transient_failure(failure: str) -> bool:
-    """Failures that say nothing about the response: never cached, retried on resume."""
-    return failure_kind(failure) in {"backend_error", "context_overflow"}
 
 
 def _preference(ab: PairVerdict, ba: PairVerdict, mode: Mode) -> tuple[float, str | None]:
@@ -608,7 +563,7 @@ def make_judge(
     redis_url: str | None = None,
     observer: JudgeObserver | None = None,
     client: OpenAICompatClient | None = None,
-) -> Judge:
+) -> LLMJudge:
     """Build a judge from a spec (see selfreward.llm.specs) and the judge config.
 
     `client`: the caller's open client of the policy service (a stage's); a judge on that
@@ -626,7 +581,7 @@ def make_judge(
     events = BackendEvents(on_call=observer.backend_call, on_retry=observer.retry)
     backend = make_backend(resolved, config, teacher=teacher, events=events, client=client)
     cache = VerdictCache(redis_url, ttl_s=config.cache_ttl_s) if config.cache else None
-    return Judge(resolved, config, backend, cache, observer)
+    return LLMJudge(resolved, config, backend, cache, observer)
 
 
 def make_run_judge(
@@ -638,7 +593,7 @@ def make_run_judge(
     redis_url: str | None = None,
     judge_config: JudgeConfig | None = None,
     client: OpenAICompatClient | None = None,
-) -> Judge:
+) -> LLMJudge:
     """`make_judge` for a run: its judge and teacher sections (or `judge_config` in place of the
     judge section) and its policy service unless `policy_url` names another."""
     return make_judge(

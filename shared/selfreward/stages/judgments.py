@@ -2,7 +2,7 @@
 
 The judge is the variant's feedback judge (`RunConfig.feedback_judge`: M(t) itself for
 self-reward, the teacher for teacher-reward), in this process (`selfreward.judging`) or through
-the judge service when `services.judge_url` is set. `selfreward.judging.stage.ajudge_candidates`
+the judge service when `services.judge_url` is set. `selfreward.judging.files.ajudge_candidates`
 writes judgments.jsonl record by record: a resumed stage judges only what is missing; a
 candidate whose verdicts failed for a backend reason is not written, so a re-run retries it.
 teacher-demo needs no judge: the stage records that and writes nothing.
@@ -32,12 +32,12 @@ async def run(ctx: StageContext) -> JudgmentsResult:
     cfg = ctx.config
     if cfg.variant == "teacher-demo":
         return JudgmentsResult(skipped="teacher-demo pairs need no judge")
-    from selfreward.judging.stage import ajudge_candidates
+    from selfreward.judging.files import ajudge_candidates
 
     spec = cfg.feedback_judge()
     judge: Any
     if cfg.services.judge_url:
-        from selfreward.clients.judge_service import RemoteJudge
+        from selfreward.judging.remote import RemoteJudge
 
         judge = RemoteJudge(
             cfg.services.judge_url,

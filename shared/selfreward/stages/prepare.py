@@ -53,7 +53,11 @@ async def run(ctx: StageContext) -> PrepareResult:
             redis_url=ctx.redis_url,
             client=ctx.policy if needs_policy(cfg) else None,
         )
-    seed = await aprepare_seed(cfg.data, ctx.layout.seed_dir, ctx.progress, judge=judge)
+    try:
+        seed = await aprepare_seed(cfg.data, ctx.layout.seed_dir, ctx.progress, judge=judge)
+    finally:
+        if judge is not None:
+            await judge.aclose()
     return PrepareResult(
         base_model_dir=str(base.resolve()),
         base_served_name=cfg.model.served_name,

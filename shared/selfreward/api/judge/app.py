@@ -31,7 +31,7 @@ from selfreward import __version__
 from selfreward.api.judge.metrics import JudgeMetrics
 from selfreward.api.judge.settings import JudgeSettings
 from selfreward.errors import ConfigError, InputError, SelfRewardError
-from selfreward.judging import CompareResult, Judge, ScoreResult, make_judge
+from selfreward.judging import CompareResult, LLMJudge, ScoreResult, make_judge
 
 MAX_RESPONSES = 256
 MAX_SAMPLES = 64
@@ -68,10 +68,10 @@ class JudgePool:
     def __init__(self, settings: JudgeSettings, metrics: JudgeMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._judges: dict[tuple[str, str], Judge] = {}
+        self._judges: dict[tuple[str, str], LLMJudge] = {}
         self._lock = asyncio.Lock()
 
-    async def get(self, spec: str | None, mode: str | None) -> Judge:
+    async def get(self, spec: str | None, mode: str | None) -> LLMJudge:
         s = self.settings
         spec = spec or s.default_judge
         if not spec:

@@ -1,4 +1,6 @@
-"""The loop's judgment stage (and the CLI's): judge a candidates file into judgments.jsonl.
+"""Judging files of rows: a candidates file into judgments.jsonl (the loop's judgment stage and
+`selfreward judge score`), answer pairs into comparisons (`selfreward judge compare`), both
+through `selfreward.judging.rows.judge_rows` with any `Judge`.
 
 Input rows are `CandidateRecord`s (candidates.jsonl) or plain rows
 {"instruction" | "prompt": ..., "response" | "text": ..., optional "id", "prompt_id", "index"}.
@@ -19,18 +21,17 @@ orders' verdicts, resumable the same way.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from selfreward.errors import InputError, StageError
-from selfreward.judging.judge import Judge, failure_kind
+from selfreward.judging.protocol import Judge, failure_kind
+from selfreward.judging.rows import Judged, judge_rows
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.schemas import JudgmentRecord
 from selfreward.storage import ResumableJsonl, read_jsonl, sha256_text
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,12 @@ def _check_same_judge(out: ResumableJsonl, judge: Judge, template_sha256: str) -
             )
 
 
-async def _bounded(limit: int, jobs: list[Callable[[], Awaitable[T]]]) -> None:
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(job: Callable[[], Awaitable[T]]) -> None:
-        async with semaphore:
-            await job()
-
-    async with asyncio.TaskGroup() as group:
-        for job in jobs:
-            group.create_task(run(job))
+def _by_instruction(items: list[JudgeInput]) -> list[list[JudgeInput]]:
+    """The candidates of one instruction are scored in one request (vLLM batches them)."""
+    groups: dict[str, list[JudgeInput]] = {}
+    for x in items:
+        groups.setdefault(x.instruction, []).append(x)
+    return list(groups.values())
 
 
 async def ajudge_candidates(
@@ -115,7 +112,7 @@ async def ajudge_candidates(
 ) -> dict[str, Any]:
     """Judge every candidate not yet in `out_path`; returns counts (see module docstring)."""
     inputs = read_judge_inputs(candidates_path)
-    out = ResumableJsonl(out_path, key=lambda r: str(r["id"]))
+    kinds: Counter[str] = Counter()
     counts: dict[str, Any] = {
         "candidates": len(inputs),
         "already_judged": 0,
@@ -128,70 +125,67 @@ async def ajudge_candidates(
         "cached_verdicts": 0,
         "failure_kinds": {},
     }
-    first_error: list[str] = []
-    try:
-        _check_same_judge(out, judge, judge.template.sha256)
-        todo = [x for x in inputs if x.id not in out]
-        counts["already_judged"] = len(inputs) - len(todo)
-        task = progress.task("judgments", len(inputs), done=counts["already_judged"])
-        groups: dict[str, list[JudgeInput]] = {}
-        for x in todo:
-            groups.setdefault(x.instruction, []).append(x)
 
-        async def judge_group(items: list[JudgeInput]) -> None:
-            results = await judge.score(items[0].instruction, [x.response for x in items], samples)
-            for x, res in zip(items, results, strict=True):
-                errors = [
-                    v.failure
-                    for v in res.verdicts
-                    if v.failure and failure_kind(v.failure) == "backend_error"
-                ]
-                if errors:
-                    counts["backend_errors"] += 1
-                    if not first_error:
-                        first_error.append(f"{x.id}: {errors[0]}")
-                    continue
-                rec = JudgmentRecord(
-                    id=x.id,
-                    prompt_id=x.prompt_id,
-                    index=x.index,
-                    judge=res.judge,
-                    template_sha256=res.template_sha256,
-                    mode=res.mode,
-                    verdicts=res.verdicts,
-                    score=res.score,
-                    failures=res.failures,
-                    truncated=res.truncated,
-                )
-                out.append(rec.model_dump(mode="json"))
-                counts["judged"] += 1
+    async def score(group: list[JudgeInput]) -> list[Judged]:
+        results = await judge.score(group[0].instruction, [x.response for x in group], samples)
+        out = []
+        for x, res in zip(group, results, strict=True):
+            rec = JudgmentRecord(
+                id=x.id,
+                prompt_id=x.prompt_id,
+                index=x.index,
+                judge=res.judge,
+                template_sha256=res.template_sha256,
+                mode=res.mode,
+                verdicts=res.verdicts,
+                score=res.score,
+                failures=res.failures,
+                truncated=res.truncated,
+            )
+            out.append(Judged(x.id, rec.model_dump(mode="json"), res.transient_failure))
+            if res.transient_failure is not None:
+                counts["backend_errors"] += 1
+            else:
                 counts["verdicts"] += len(res.verdicts)
                 counts["parse_failures"] += res.failures
                 counts["unscored"] += int(res.score is None)
                 counts["truncated"] += int(res.truncated)
                 counts["cached_verdicts"] += res.cached
-                for v in res.verdicts:
-                    if v.failure:
-                        kind = failure_kind(v.failure)
-                        counts["failure_kinds"][kind] = counts["failure_kinds"].get(kind, 0) + 1
-            task.advance(len(items), failures=counts["parse_failures"], errors=counts["backend_errors"])
+                kinds.update(failure_kind(v.failure) for v in res.verdicts if v.failure)
+        return out
 
-        window = max(2, judge.config.concurrency * 2)
-        jobs = [lambda items=items: judge_group(items) for items in groups.values()]
-        try:
-            await _bounded(window, jobs)
-        except ExceptionGroup as group_error:
-            raise group_error.exceptions[0] from None
+    with ResumableJsonl(out_path, key=lambda r: str(r["id"])) as out:
+        _check_same_judge(out, judge, judge.template.sha256)
+        task = progress.task("judgments", len(inputs), done=sum(1 for x in inputs if x.id in out))
+        report = await judge_rows(
+            inputs,
+            key=lambda x: x.id,
+            judge=score,
+            store=out,
+            concurrency=max(2, judge.concurrency * 2),
+            group=_by_instruction,
+            task=task,
+            on_result=lambda _: {"failures": counts["parse_failures"], "errors": counts["backend_errors"]},
+        )
         task.close()
-    finally:
-        out.close()
-    counts.update(judge=judge.name, template_sha256=judge.template.sha256, mode=judge.mode, written=len(out))
-    if counts["backend_errors"]:
+        written = len(out)
+    errors = report.transient
+    counts.update(
+        already_judged=report.already,
+        judged=len(report.written),
+        backend_errors=len(errors),
+        failure_kinds=dict(kinds),
+        judge=judge.name,
+        template_sha256=judge.template.sha256,
+        mode=judge.mode,
+        written=written,
+    )
+    if errors:
         raise StageError(
             "judgments",
-            f"{counts['backend_errors']} candidate(s) got no verdict because the judge backend failed "
-            f"(first: {first_error[0]}); the {counts['judged']} others are saved in {out_path}: "
-            "run again to judge the rest",
+            f"{len(errors)} candidate(s) got no verdict because the judge backend failed "
+            f"(first: {errors[0].key}: {errors[0].transient}); the {counts['judged']} others are saved "
+            f"in {out_path}: run again to judge the rest",
         )
     return counts
 
@@ -204,10 +198,8 @@ def judge_candidates(
     *,
     samples: int | None = None,
 ) -> dict[str, Any]:
-    """Synchronous `ajudge_candidates` (CLI commands, RQ jobs).
-
-    Closes the judge's connections when done; the judge stays usable (it reconnects).
-    """
+    """`ajudge_candidates` in an event loop of its own (the CLI); closes the judge's connections
+    when done (the judge stays usable: it opens new ones)."""
 
     async def run() -> dict[str, Any]:
         try:
@@ -251,48 +243,46 @@ def read_pair_inputs(path: str | Path) -> list[PairInput]:
 async def acompare_rows(
     pairs_path: str | Path, out_path: str | Path, judge: Judge, progress: Progress = NULL_PROGRESS
 ) -> dict[str, Any]:
+    """Compare every pair not yet in `out_path` (both orders); returns counts."""
     inputs = read_pair_inputs(pairs_path)
-    out = ResumableJsonl(out_path, key=lambda r: str(r["id"]))
-    counts: dict[str, Any] = {"pairs": len(inputs), "already_judged": 0, "judged": 0, "backend_errors": 0}
     outcome = {"a": 0, "b": 0, "tie": 0, "failed": 0}
-    try:
+
+    async def compare(unit: list[PairInput]) -> list[Judged]:
+        (x,) = unit
+        res = await judge.compare(x.instruction, x.response_a, x.response_b)
+        if res.transient_failure is None:
+            won = "a" if res.preference > 0.5 else "b" if res.preference < 0.5 else "tie"
+            outcome["failed" if res.failure else won] += 1
+        return [Judged(x.id, {"id": x.id, **res.model_dump(mode="json")}, res.transient_failure)]
+
+    with ResumableJsonl(out_path, key=lambda r: str(r["id"])) as out:
         _check_same_judge(out, judge, judge.compare_template.sha256)
-        todo = [x for x in inputs if x.id not in out]
-        counts["already_judged"] = len(inputs) - len(todo)
-        task = progress.task("comparisons", len(inputs), done=counts["already_judged"])
-
-        async def one(x: PairInput) -> None:
-            res = await judge.compare(x.instruction, x.response_a, x.response_b)
-            if res.failure and "backend_error" in res.failure:
-                counts["backend_errors"] += 1
-            else:
-                record = {"id": x.id, **res.model_dump(mode="json")}
-                out.append(record)
-                counts["judged"] += 1
-                key = (
-                    "failed"
-                    if res.failure
-                    else "a"
-                    if res.preference > 0.5
-                    else "b"
-                    if res.preference < 0.5
-                    else "tie"
-                )
-                outcome[key] += 1
-            task.advance(1)
-
-        try:
-            await _bounded(max(2, judge.config.concurrency), [lambda x=x: one(x) for x in todo])
-        except ExceptionGroup as group_error:
-            raise group_error.exceptions[0] from None
+        task = progress.task("comparisons", len(inputs), done=sum(1 for x in inputs if x.id in out))
+        report = await judge_rows(
+            inputs,
+            key=lambda x: x.id,
+            judge=compare,
+            store=out,
+            concurrency=max(2, judge.concurrency),
+            task=task,
+        )
         task.close()
-    finally:
-        out.close()
-    counts.update(outcome_this_run=outcome, judge=judge.name, mode=judge.mode, written=len(out))
-    if counts["backend_errors"]:
+        written = len(out)
+    errors = report.transient
+    counts: dict[str, Any] = {
+        "pairs": len(inputs),
+        "already_judged": report.already,
+        "judged": len(report.written),
+        "backend_errors": len(errors),
+        "outcome_this_run": outcome,
+        "judge": judge.name,
+        "mode": judge.mode,
+        "written": written,
+    }
+    if errors:
         raise StageError(
             "compare",
-            f"{counts['backend_errors']} pair(s) got no verdict because the judge backend failed; "
+            f"{len(errors)} pair(s) got no verdict because the judge backend failed; "
             f"the {counts['judged']} others are saved in {out_path}: run again to judge the rest",
         )
     return counts

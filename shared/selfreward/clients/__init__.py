@@ -1,1 +1,0 @@
-"""Clients of the services and remote APIs (OpenAI-compatible, Gemini, judge, coordinator)."""
