@@ -4,6 +4,7 @@ ends with the same number of steps, and yields the same adapter as an uninterrup
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,11 @@ import psutil
 import pytest
 from test_train_jobs import train_config, write_jsonl, write_pairs, write_seed
 
-from selfreward.training.jobs import QUEUE, enqueue_dpo, enqueue_sft
+from selfreward.config import RunConfig
+from selfreward.drivers.rq import enqueue_stage
+from selfreward.drivers.state import RunStore
+from selfreward.stages.plan import stage_named
+from selfreward.storage import RunLayout, write_manifest
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
@@ -31,10 +36,12 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: 
 
 
 def start_worker(redis_url: str, log: Path) -> subprocess.Popen:
+    """`selfreward worker start --queue train` (the stage worker on the train queue)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    argv = ["worker", "start", "--queue", "train", "--redis-url", redis_url, "--no-with-scheduler"]
     with open(log, "a") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "selfreward.drivers.worker", "--redis-url", redis_url],
+            [sys.executable, "-m", "selfreward.cli.main", *argv],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
@@ -74,6 +81,35 @@ def complete_checkpoint(folder: Path, min_step: int) -> int | None:
     return max(steps) if steps else None
 
 
+def stage_job(conn: Any, config: RunConfig, t: int, stage: str, retries: int = 0) -> Any:
+    """The stage job the coordinator enqueues for `stage` of iteration t (RQ retries, no interval)."""
+    from rq import Retry
+
+    return enqueue_stage(
+        conn, config.name, max(t, 1), t, stage_named(stage, t), retry=Retry(max=retries) if retries else None
+    )
+
+
+def a_run(conn: Any, config: RunConfig, tiny_model_dir: Path, seed: Path) -> RunLayout:
+    """A run registered with the coordinator's store whose set-up prepared M0 and the seed data."""
+    RunStore(conn).create_run(config)
+    layout = RunLayout(config.artifact_root, config.name)
+    layout.seed_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("ift.jsonl", "eft_train.jsonl"):
+        (layout.seed_dir / name).write_bytes((seed / name).read_bytes())
+    write_manifest(
+        layout.stage_manifest(0, "prepare"),
+        {
+            "stage": "prepare",
+            "base_model_dir": str(tiny_model_dir),
+            "base_served_name": "tiny",
+            "seed_dir": str(layout.seed_dir),
+            "seed_counts": {},
+        },
+    )
+    return layout
+
+
 def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
     redis_url: str, redis_conn: Any, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -84,7 +120,6 @@ def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
     from selfreward.training import runner
     from selfreward.training.request import dpo_request
 
-    queue = Queue(QUEUE, connection=redis_conn)
     config = train_config(tmp_path / "art", tiny_model_dir)
     long_dpo = config.model_copy(
         update={
@@ -93,22 +128,24 @@ def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
         }
     )
     seed = write_seed(tmp_path / "seed")
-    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    layout = a_run(redis_conn, long_dpo, tiny_model_dir, seed)
+    pairs = write_pairs(layout.stage_file(1, "pairs"))
     workers: list[subprocess.Popen] = []
     try:
         workers.append(start_worker(redis_url, tmp_path / "worker1.log"))
-        # SFT through RQ: result, meta progress
-        sft = enqueue_sft(queue, config, name="m1", seed_dir=str(seed))
+        # the sft stage through RQ: result, meta progress
+        sft = stage_job(redis_conn, long_dpo, 0, "sft")
         wait_for(lambda: finished(sft), 180, "the SFT job")
-        m1 = sft.return_value(refresh=True)
-        assert m1["name"] == "m1" and m1["training"]["global_step"] == 12
+        result = sft.return_value(refresh=True)
+        assert result["stage"] == "sft" and result["manifest"]["model"] == "m1"
+        assert result["manifest"]["steps"] == 12
         progress = sft.get_meta(refresh=True)["progress"]
         assert progress["finished"] and progress["step"] == progress["total_steps"] == 12
         assert {"loss", "eta_s", "elapsed_s"} <= set(progress)
 
-        # DPO through RQ, killed for real once a checkpoint at step >= 10 is complete
-        dpo = enqueue_dpo(queue, long_dpo, pairs=str(pairs), name="m2", parent="m1", retries=1)
-        request = dpo_request(long_dpo, pairs=pairs, name="m2", parent="m1")
+        # the train stage (DPO) through RQ, killed for real once a checkpoint at step >= 10 is complete
+        dpo = stage_job(redis_conn, long_dpo, 1, "train", retries=1)
+        request = dpo_request(long_dpo, pairs=pairs, name="m2", parent="m1", base_model=tiny_model_dir)
         killed_at = wait_for(lambda: complete_checkpoint(request.checkpoint_dir, 10), 180, "a checkpoint")
         horses = kill_tree(workers[0])
         assert horses, "the job ran in a forked work horse"
@@ -117,11 +154,12 @@ def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
         assert dpo.get_status(refresh=True) == "started"  # abandoned: RQ does not know yet
 
         # RQ's abandoned-job handling, as a worker runs it once the heartbeat expired: retried
-        queue.started_job_registry.cleanup(timestamp=time.time() + 3600)
+        Queue("train", connection=redis_conn).started_job_registry.cleanup(timestamp=time.time() + 3600)
         assert dpo.get_status(refresh=True) == "queued"
         workers.append(start_worker(redis_url, tmp_path / "worker2.log"))
         wait_for(lambda: finished(dpo), 180, "the resumed DPO job")
-        m2 = dpo.return_value(refresh=True)
+        assert dpo.return_value(refresh=True)["manifest"]["model"] == "m2"
+        m2 = json.loads(request.manifest_path.read_text())
         training = m2["training"]
         assert training["resumed_from_step"] >= killed_at >= 10
         assert training["global_step"] == training["total_steps"] == 80
@@ -129,10 +167,10 @@ def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
         assert dpo.get_meta(refresh=True)["progress"]["resumed_from_step"] == training["resumed_from_step"]
         assert not request.work_dir.exists()
 
-        # a bad input fails the job with the clear message, before any training
+        # a bad input fails the job with the clear message, before any training, and is not retried
         same = [{"role": "assistant", "content": "Same."}]
-        bad_pairs = write_jsonl(
-            tmp_path / "bad.jsonl",
+        write_jsonl(
+            layout.stage_file(2, "pairs"),
             [
                 {
                     "prompt_id": "x",
@@ -142,9 +180,10 @@ def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
                 }
             ],
         )
-        bad = enqueue_dpo(queue, config, pairs=str(bad_pairs), name="m-bad", parent="m1", retries=0)
+        bad = stage_job(redis_conn, long_dpo, 2, "train", retries=2)
         wait_for(lambda: bad.get_status(refresh=True) == "failed", 60, "the bad job to fail")
         assert "all 1 records were skipped (chosen_equals_rejected: 1)" in bad.latest_result().exc_string
+        assert RunStore(redis_conn).iteration(long_dpo.name, 2).failed_stage == "train"  # type: ignore[union-attr]
     finally:
         for proc in workers:
             if proc.poll() is None:
@@ -152,7 +191,9 @@ def test_jobs_on_rq_and_resume_after_the_worker_is_killed(
 
     # the resumed model equals an uninterrupted run of the same job
     torch.set_num_threads(1)
-    straight = runner.run(dpo_request(long_dpo, pairs=pairs, name="m2-straight", parent="m1"))
+    straight = runner.run(
+        dpo_request(long_dpo, pairs=pairs, name="m2-straight", parent="m1", base_model=tiny_model_dir)
+    )
     assert straight["training"]["resumed_from_step"] == 0
     resumed = load_file(request.model_dir / "adapter_model.safetensors")
     reference = load_file(request.layout.model_dir("m2-straight") / "adapter_model.safetensors")

@@ -409,6 +409,26 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> R
     return build_config(read_yaml(path), environ, source=str(path))
 
 
+def command_config(
+    path: str | Path | None, environ: Mapping[str, str] | None = None, **sections: Mapping[str, Any]
+) -> RunConfig:
+    """The run config of a CLI command: the YAML file at `path` (else the built-in defaults) with
+    SELFREWARD_* overrides, then the command line's options per section (`judge={"mode": ...}`;
+    None = not given). Errors name every bad field; the source is "command line"."""
+    config = load_config(path, environ) if path else build_config({}, environ, source="environment")
+    given = {s: {k: v for k, v in values.items() if v is not None} for s, values in sections.items()}
+    given = {s: values for s, values in given.items() if values}
+    if not given:
+        return config
+    data = config.model_dump()
+    for section, values in given.items():
+        data[section].update(values)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), "command line") from None
+
+
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 

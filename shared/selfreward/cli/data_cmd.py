@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from pydantic import ValidationError
 
 from selfreward.cli.ui import RichProgressSink, console, err_console, friendly_errors, print_table
-from selfreward.config import DataConfig, RunConfig, _format_errors, build_config, load_config
+from selfreward.config import RunConfig, command_config
 from selfreward.errors import ConfigError, InputError
 from selfreward.storage import RunLayout, read_manifest
 
@@ -19,21 +18,8 @@ app = typer.Typer(help="Prepare seed data from OASST1 (IFT, EFT-train, EFT-eval)
 def _run_config(config_file: Path | None, overrides: dict[str, Any]) -> tuple[RunConfig, Path | None]:
     """The run config (or the defaults, with SELFREWARD_* overrides) with the data options given on
     the command line applied. Returns (config, the run's seed folder if a config file was given)."""
-    if config_file is not None:
-        run = load_config(config_file)
-        seed_dir: Path | None = RunLayout(run.artifact_root, run.name).seed_dir
-    else:
-        run = build_config({}, source="environment")
-        seed_dir = None
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        data = DataConfig.model_validate({**run.data.model_dump(), **given})
-    except ValidationError as err:
-        raise ConfigError([f"data.{p}" for p in _format_errors(err)], "command line") from None
-    try:
-        run = RunConfig.model_validate({**run.model_dump(), "data": data.model_dump()})
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err), "command line") from None
+    run = command_config(config_file, data=overrides)
+    seed_dir = RunLayout(run.artifact_root, run.name).seed_dir if config_file is not None else None
     return run, seed_dir
 
 

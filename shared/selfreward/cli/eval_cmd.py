@@ -26,9 +26,9 @@ PROMPTS_HELP = (
 
 
 def _config(path: Path | None) -> Any:
-    from selfreward.config import build_config, load_config
+    from selfreward.config import command_config
 
-    return load_config(path) if path else build_config({}, source="environment")
+    return command_config(path)
 
 
 def _settings(config: Any, max_tokens: int | None, temperature: float | None) -> Any:

@@ -25,21 +25,10 @@ def _setup(
     structured: bool | None,
 ) -> tuple[Any, str]:
     """The run config (file < SELFREWARD_* environment < command-line options) and the judge spec."""
-    from pydantic import ValidationError
-
-    from selfreward.config import RunConfig, _format_errors, build_config, load_config
+    from selfreward.config import command_config
     from selfreward.errors import ConfigError
 
-    config = load_config(config_path) if config_path else build_config({}, source="environment")
-    options = {"samples": samples, "mode": mode, "structured": structured}
-    updates = {k: v for k, v in options.items() if v is not None}
-    if updates:
-        data = config.model_dump()
-        data["judge"].update(updates)
-        try:
-            config = RunConfig.model_validate(data)
-        except ValidationError as err:
-            raise ConfigError(_format_errors(err), "command line") from None
+    config = command_config(config_path, judge={"samples": samples, "mode": mode, "structured": structured})
     if judge is None:
         if config.variant == "self-reward":
             raise ConfigError(["--judge is required (or a --config whose variant names a teacher)"], "judge")

@@ -27,25 +27,9 @@ CONFIG_HELP = "run config YAML (default: built-in defaults + SELFREWARD_* variab
 
 def _config(config_path: Path | None, **updates: dict[str, Any]) -> Any:
     """The run config with per-section command-line overrides (None values are not overrides)."""
-    from pydantic import ValidationError
+    from selfreward.config import command_config
 
-    from selfreward.config import RunConfig, _format_errors, build_config, load_config
-    from selfreward.errors import ConfigError
-
-    config = load_config(config_path) if config_path else build_config({}, source="environment")
-    data = config.model_dump()
-    changed = False
-    for section, values in updates.items():
-        for key, value in values.items():
-            if value is not None:
-                data[section][key] = value
-                changed = True
-    if not changed:
-        return config
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err), "command line") from None
+    return command_config(config_path, **updates)
 
 
 def _url(url: str | None, config_path: Path | None) -> str:

@@ -19,12 +19,12 @@ def report(
     out: Path | None = typer.Option(None, "--out", "-o", help="HTML file (default runs/<run>/report.html)"),
 ) -> None:
     """Build one HTML page for a run: every iteration's counts, metrics and plots."""
-    from selfreward.config import build_config, load_config
+    from selfreward.config import command_config
     from selfreward.reports.run_report import build_run_report
     from selfreward.storage import RunLayout
 
     if root is None:
-        cfg = load_config(config) if config else build_config({}, source="environment")
+        cfg = command_config(config)
         root = cfg.artifact_root
     path = build_run_report(RunLayout(root, run), out)
     console.print(f"wrote {path}", highlight=False)

@@ -118,7 +118,7 @@ def worker_train(
     with_scheduler: bool = typer.Option(False, help="also run RQ's scheduler (retries with an interval)"),
     name: str | None = typer.Option(None, help="worker name"),
 ) -> None:
-    """Run the trainer's RQ worker (forks one process per job; see docs/training.md)."""
+    """Run a stage worker on the `train` queue (forks one process per job; see docs/training.md)."""
     from selfreward.drivers.worker import start_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")

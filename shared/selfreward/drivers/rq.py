@@ -62,6 +62,36 @@ def redis_url_of(conn: redis.Redis) -> str:
     return f"redis://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{db}"
 
 
+def enqueue_stage(
+    conn: redis.Redis,
+    run_id: str,
+    t: int,
+    stage_t: int,
+    stage: Stage,
+    *,
+    attempt: int = 0,
+    depends_on: Job | None = None,
+    retry: Retry | None = None,
+) -> Job:
+    """One stage job on the stage's queue, with its timeout (part of iteration t's chain)."""
+    return Queue(stage.queue, connection=conn).enqueue(
+        "selfreward.drivers.rq.run_stage_job",
+        run_id,
+        t,
+        stage_t,
+        stage.name,
+        job_id=_job_id(run_id, t, stage_t, stage.name, attempt),
+        depends_on=depends_on,
+        retry=retry,
+        job_timeout=stage.timeout_s,
+        result_ttl=7 * 24 * 3600,
+        failure_ttl=30 * 24 * 3600,
+        on_failure=Callback(on_stage_failure),
+        description=f"{run_id} iteration {t}: {stage.name} (iter-{stage_t})",
+        meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": stage.name},
+    )
+
+
 def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -> IterationState:
     """Enqueue what is left of iteration t (idempotent: a live chain is not enqueued twice)."""
     config = store.config(run_id)
@@ -79,26 +109,13 @@ def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -
                 ):
                     old.cancel()
     intervals = config.services.stage_retry_intervals_s
+    retry = Retry(max=len(intervals), interval=intervals) if intervals else None
     jobs: dict[str, str] = {}
     prev_job: Job | None = None
     chain = chain_of(layout, t)
     for stage_t, stage in chain:
-        queue = Queue(stage.queue, connection=conn)
-        job = queue.enqueue(
-            "selfreward.drivers.rq.run_stage_job",
-            run_id,
-            t,
-            stage_t,
-            stage.name,
-            job_id=_job_id(run_id, t, stage_t, stage.name, attempt),
-            depends_on=prev_job,
-            retry=Retry(max=len(intervals), interval=intervals) if intervals else None,
-            job_timeout=stage.timeout_s,
-            result_ttl=7 * 24 * 3600,
-            failure_ttl=30 * 24 * 3600,
-            on_failure=Callback(on_stage_failure),
-            description=f"{run_id} iteration {t}: {stage.name} (iter-{stage_t})",
-            meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": stage.name},
+        job = enqueue_stage(
+            conn, run_id, t, stage_t, stage, attempt=attempt, depends_on=prev_job, retry=retry
         )
         jobs[f"{stage_t}:{stage.name}"] = job.id
         prev_job = job

@@ -1,33 +1,33 @@
-"""The trainer worker: an RQ worker on the `train` queue.
+"""The stage worker: one RQ worker for any mix of the queues `generate`, `judge`, `train`, `evaluate`.
 
-    python -m selfreward.drivers.worker --redis-url redis://host:6379/0 [--queue train] [--burst]
-    selfreward worker train --redis-url ...            (the same, from the CLI)
+    selfreward worker start --queue generate --queue judge --queue evaluate   (a CPU host)
+    selfreward worker start --queue train                                     (a GPU host)
 
-It is RQ's default forking `Worker`: each job runs in a fresh child process (the "work horse").
-A training job loads its own base model and adapter anyway (M(t) changes every iteration), so
-keeping a model across jobs (`SimpleWorker`) would save seconds, while the forking worker gives
-what long GPU jobs need: all memory (CUDA included) is returned when a job ends, an out-of-memory
-kill or a crash fails only that job (RQ retries it when it was enqueued with `Retry`, and it
-resumes from its checkpoint), and the worker enforces `job_timeout` by killing the horse.
-The parent never initialises CUDA, so forking is safe. With `preload` (the default) the parent
-imports torch, transformers, TRL and PEFT once, so each job starts without those ~7 s of imports.
+It is RQ's default forking `Worker`: each job runs in a fresh child process (the "work horse"),
+so all memory (CUDA included) is returned when a job ends, an out-of-memory kill or a crash
+fails only that job (RQ retries it when it was enqueued with `Retry`, and it resumes from what
+it wrote), and the worker enforces `job_timeout` by killing the horse. The parent never
+initialises CUDA, so forking is safe.
+
+Imports: a worker of the generate/judge/evaluate queues never imports torch, transformers,
+TRL, PEFT or vLLM (its stages talk to the policy and judge services over HTTP), so it runs from
+the torch-free install (`pip install 'selfreward[worker]'`). A worker that serves `train` imports
+the training libraries once in the parent (`preload`), so each forked job starts without those
+~7 s of imports.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import logging
-import sys
 
-QUEUE = "train"
+from selfreward.stages.stage import QUEUES
 
-PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "selfreward.training.trainers")
+TRAIN_PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "selfreward.training.trainers")
 
 
 def start_worker(
     redis_url: str,
-    queues: list[str] | None = None,
+    queues: list[str],
     *,
     burst: bool = False,
     name: str | None = None,
@@ -39,45 +39,12 @@ def start_worker(
     from redis import Redis
     from rq import Queue, Worker
 
-    if preload:  # imported once here, inherited by every forked job
-        for module in PRELOAD:
+    unknown = sorted(set(queues) - set(QUEUES))
+    if unknown or not queues:
+        raise ValueError(f"unknown queue(s) {unknown or queues}; queues: {list(QUEUES)}")
+    if preload and "train" in queues:  # imported once here, inherited by every forked job
+        for module in TRAIN_PRELOAD:
             importlib.import_module(module)
-
     connection = Redis.from_url(redis_url)
-    worker = Worker(
-        [Queue(q, connection=connection) for q in (queues or [QUEUE])],
-        connection=connection,
-        name=name,
-    )
+    worker = Worker([Queue(q, connection=connection) for q in queues], connection=connection, name=name)
     return worker.work(burst=burst, with_scheduler=with_scheduler, logging_level=logging_level)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="selfreward.drivers.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument(
-        "--queue", action="append", dest="queues", help=f"queue to listen on (default {QUEUE})"
-    )
-    parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    parser.add_argument("--name", default=None, help="worker name (default: RQ's)")
-    parser.add_argument(
-        "--with-scheduler", action="store_true", help="also run RQ's scheduler (retries with an interval)"
-    )
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--no-preload", action="store_true", help="import the training libraries per job")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    start_worker(
-        args.redis_url,
-        args.queues,
-        burst=args.burst,
-        name=args.name,
-        with_scheduler=args.with_scheduler,
-        logging_level=args.log_level,
-        preload=not args.no_preload,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -46,12 +46,13 @@ class ProgressCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.task = self.progress.task(self.task_name, total=state.max_steps, done=state.global_step)
+        self.task.update(step=state.global_step, total_steps=state.max_steps)
         if state.global_step:
             self.task.update(resumed_from_step=state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.task is not None:
-            self.task.update(done=state.global_step, eta_s=self._eta(state))
+            self.task.update(done=state.global_step, step=state.global_step, eta_s=self._eta(state))
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
@@ -67,7 +68,7 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.task is not None:
-            self.task.update(done=state.global_step, eta_s=0.0)
+            self.task.update(done=state.global_step, step=state.global_step, eta_s=0.0)
             self.task.close()
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from rq import Queue
 
 from selfreward import __version__
+from selfreward.api.auth import require_token
 from selfreward.api.coordinator import status as run_status
 from selfreward.config import RunConfig, deep_merge, dump_config, env_overrides
 from selfreward.drivers.rq import cancel_iteration, enqueue_iteration
@@ -96,13 +96,7 @@ def create_app(
         version=__version__,
         description="Create runs, start and inspect iterations of the online feedback loop.",
     )
-    bearer = HTTPBearer(auto_error=False)
-
-    def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if api_token is None:
-            return
-        if creds is None or creds.scheme.lower() != "bearer" or creds.credentials != api_token:
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    authorize = require_token(api_token)
 
     @app.middleware("http")
     async def metrics_middleware(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -140,7 +134,7 @@ def create_app(
             queue_length.labels(q).set(Queue(q, connection=conn).count)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/runs", status_code=201, dependencies=[Depends(require_token)])
+    @app.post("/runs", status_code=201, dependencies=[Depends(authorize)])
     def create_run(body: dict[str, Any], response: Response) -> dict[str, Any]:
         """Create a run from a config (the YAML file's content as JSON). 422 lists every bad field."""
         try:
@@ -166,7 +160,7 @@ def create_app(
     @app.post(
         "/runs/{run_id}/iterations",
         status_code=202,
-        dependencies=[Depends(require_token)],
+        dependencies=[Depends(authorize)],
         response_model=IterationStarted,
     )
     def start_iteration(run_id: str) -> IterationStarted:
@@ -196,7 +190,7 @@ def create_app(
     @app.post(
         "/runs/{run_id}/iterations/{t}/resume",
         status_code=202,
-        dependencies=[Depends(require_token)],
+        dependencies=[Depends(authorize)],
         response_model=IterationStarted,
     )
     def resume_iteration(run_id: str, t: int) -> IterationStarted:
@@ -221,7 +215,7 @@ def create_app(
         """Stage states, progress, counts and metrics of iteration t (0 = set-up)."""
         return run_status.iteration_detail(store, conn, run_id, t)
 
-    @app.post("/runs/{run_id}/cancel", dependencies=[Depends(require_token)])
+    @app.post("/runs/{run_id}/cancel", dependencies=[Depends(authorize)])
     def cancel(run_id: str) -> dict[str, Any]:
         layout_of(run_id)
         store.set_cancelled(run_id, True)

@@ -16,18 +16,18 @@ SELFREWARD_API_TOKEN is set), 502 when the backend rejects the judge (bad key, u
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfreward import __version__
+from selfreward.api.auth import require_token
 from selfreward.api.judge.metrics import JudgeMetrics
 from selfreward.api.judge.settings import JudgeSettings
 from selfreward.errors import ConfigError, InputError, SelfRewardError
@@ -120,13 +120,7 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
     app.state.pool = pool
     app.state.metrics = metrics
 
-    def authorize(request: Request) -> None:
-        token = settings.api_token
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), token.encode())):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    authorize = require_token(settings.api_token)
 
     @app.middleware("http")
     async def count_requests(
