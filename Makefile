@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: setup redis-check test test-fast lint quickstart lock clean k8s-validate compose-validate hadolint deploy-validate
+.PHONY: setup redis-check test test-fast lint quickstart lock clean k8s-validate compose-validate hadolint deploy-validate check-pythons
 
 setup: $(BIN)/selfreward redis-check ## create .venv and install everything (pinned)
 
@@ -47,6 +47,9 @@ hadolint: setup ## lint the Dockerfile
 	$(BIN)/hadolint Dockerfile
 
 deploy-validate: k8s-validate compose-validate hadolint
+
+check-pythons: setup ## the torch-free installs (judge, coordinator, worker) on Python 3.12 and 3.13 too
+	SELFREWARD_TEST_PYTHONS=3.12,3.13 $(BIN)/pytest -q tests/test_installs.py
 
 test-fast: ## skip the tests marked slow (SmolLM2-135M)
 	$(BIN)/pytest -q -m "not slow"

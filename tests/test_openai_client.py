@@ -55,6 +55,10 @@ def scripted() -> Iterator[tuple[str, Script]]:
                 status, payload, headers, delay = queue.pop(0) if len(queue) > 1 else queue[0]
             time.sleep(delay)
             data = json.dumps(payload).encode()
+            # the request is over before its answer leaves: a client that sends its next request as
+            # soon as this answer arrives must not be counted twice (the count races the write)
+            with script.lock:
+                script.in_flight -= 1
             self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
@@ -62,8 +66,6 @@ def scripted() -> Iterator[tuple[str, Script]]:
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
-            with script.lock:
-                script.in_flight -= 1
 
         def log_message(self, *args: Any) -> None:
             pass

@@ -10,7 +10,6 @@ cached; unparseable verdicts are (they are what the model answered).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -57,22 +56,17 @@ class VerdictCache:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._local: OrderedDict[str, str] = OrderedDict()
-        self._redis: Any = None
-        self._loop: Any = None
+        self._redis: Any = None  # opened on first use, in the event loop that uses it
 
     @property
     def backend(self) -> str:
         return "redis" if self.redis_url else "memory"
 
     def _conn(self) -> Any:
-        import asyncio
-
         import redis.asyncio as aioredis
 
-        loop = asyncio.get_running_loop()
-        if self._redis is None or self._loop is not loop:
+        if self._redis is None:
             self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=5)
-            self._loop = loop
         return self._redis
 
     async def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
@@ -116,9 +110,9 @@ class VerdictCache:
             raise ServiceError(f"verdict cache {_safe_url(self.redis_url)}: {exc}") from exc
 
     async def aclose(self) -> None:
+        """Close the Redis connection (a later use opens a new one)."""
         if self._redis is not None:
-            with contextlib.suppress(RuntimeError):  # its event loop is already closed
-                await self._redis.aclose()
+            await self._redis.aclose()
             self._redis = None
 
 

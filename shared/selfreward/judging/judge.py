@@ -40,6 +40,7 @@ from selfreward.judging.parsing import (
 )
 from selfreward.judging.protocol import (
     CompareResult,
+    ConfiguredJudge,
     JudgeObserver,
     Mode,
     PairVerdict,
@@ -47,7 +48,6 @@ from selfreward.judging.protocol import (
     ShownVerdict,
     failure_kind,
     is_cacheable,
-    judge_identity,
 )
 from selfreward.judging.truncation import shrink_for_overflow, truncate_chars
 from selfreward.llm.backend import (
@@ -62,7 +62,7 @@ from selfreward.llm.backend import (
 from selfreward.llm.openai import OpenAICompatClient
 from selfreward.llm.retry import HTTPStatusError
 from selfreward.llm.specs import BackendSpec, parse_spec
-from selfreward.prompts import Template, load_template
+from selfreward.prompts import Template
 from selfreward.schemas import Verdict
 
 SCORE_PREFILL = "Score: "
@@ -96,7 +96,7 @@ class Fitted:
     room: int | None  # tokens left after the prompt (a lower bound), where the backend reports it
 
 
-class LLMJudge:
+class LLMJudge(ConfiguredJudge):
     """A `Judge` (selfreward.judging.protocol) over one model backend; see the module docstring."""
 
     def __init__(
@@ -112,24 +112,11 @@ class LLMJudge:
         self.backend = backend
         self.cache = cache
         self.observer = observer or JudgeObserver()
-        self.template: Template = load_template(config.template, kind="score")
-        self.compare_template: Template = load_template(config.compare_template, kind="compare")
+        self._load_templates()
 
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def mode(self) -> Mode:
-        return self.config.mode
-
-    @property
-    def concurrency(self) -> int:
-        return self.config.concurrency
-
-    @property
-    def identity(self) -> str:
-        return judge_identity(self.name, self.template, self.config)
 
     # ------------------------------------------------------------ helpers
 

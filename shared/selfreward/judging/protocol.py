@@ -24,7 +24,7 @@ from typing import Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from selfreward.config import JudgeConfig
-from selfreward.prompts import Template
+from selfreward.prompts import Template, load_template
 from selfreward.schemas import Verdict
 
 Mode = Literal["sample", "logprob"]
@@ -145,13 +145,38 @@ class Judge(Protocol):
         ...
 
 
-def judge_identity(name: str, template: Template, config: JudgeConfig) -> str:
-    """`Judge.identity` of a judge configured by a judge section."""
-    identity = (
-        f"{name}|template={template.version}|T={config.temperature}|top_p={config.top_p}"
-        f"|max_tokens={config.max_tokens}"
-    )
-    return identity if config.mode == "sample" else f"{identity}|mode={config.mode}"
+class ConfiguredJudge:
+    """What a judge configured by a run's judge section answers from it: its mode, concurrency,
+    templates and identity (`LLMJudge` and `RemoteJudge` share this); `name` is the subclass's."""
+
+    config: JudgeConfig
+    template: Template
+    compare_template: Template
+
+    def _load_templates(self) -> None:
+        self.template = load_template(self.config.template, kind="score")
+        self.compare_template = load_template(self.config.compare_template, kind="compare")
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def mode(self) -> Mode:
+        return self.config.mode
+
+    @property
+    def concurrency(self) -> int:
+        return self.config.concurrency
+
+    @property
+    def identity(self) -> str:
+        c = self.config
+        identity = (
+            f"{self.name}|template={self.template.version}|T={c.temperature}|top_p={c.top_p}"
+            f"|max_tokens={c.max_tokens}"
+        )
+        return identity if c.mode == "sample" else f"{identity}|mode={c.mode}"
 
 
 class JudgeObserver:

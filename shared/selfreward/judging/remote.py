@@ -18,14 +18,14 @@ import httpx
 
 from selfreward.config import JudgeConfig
 from selfreward.errors import ServiceError
-from selfreward.judging.protocol import CompareResult, Mode, ScoreResult, judge_identity
+from selfreward.judging.protocol import CompareResult, ConfiguredJudge, ScoreResult
 from selfreward.llm.http import bearer, build_http_client
 from selfreward.llm.retry import HTTPStatusError, is_transient, with_retries
 from selfreward.llm.specs import read_spec
-from selfreward.prompts import Template, load_template
+from selfreward.prompts import Template
 
 
-class RemoteJudge:
+class RemoteJudge(ConfiguredJudge):
     def __init__(
         self,
         base_url: str,
@@ -38,8 +38,7 @@ class RemoteJudge:
         self.spec = read_spec(spec).with_self(self_model).name
         self.base_url = base_url.rstrip("/")
         self.config = config
-        self.template: Template = load_template(config.template, kind="score")
-        self.compare_template: Template = load_template(config.compare_template, kind="compare")
+        self._load_templates()
         self._api_token = api_token
         self._name: str | None = None
         self._http: httpx.AsyncClient | None = None
@@ -47,18 +46,6 @@ class RemoteJudge:
     @property
     def name(self) -> str:
         return self._name or self.spec
-
-    @property
-    def mode(self) -> Mode:
-        return self.config.mode
-
-    @property
-    def concurrency(self) -> int:
-        return self.config.concurrency
-
-    @property
-    def identity(self) -> str:
-        return judge_identity(self.name, self.template, self.config)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None or self._http.is_closed:
