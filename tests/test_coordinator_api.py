@@ -38,8 +38,21 @@ def run_body(name: str, model_dir: Path, policy_url: str, **over: Any) -> dict[s
     return body
 
 
+def deployment(policy_url: str, model_dir: Path, root: Path, **more: str) -> dict[str, str]:
+    """The deployment's settings (the coordinator's environment): its policy service, and the
+    folders a posted run may name files in (the tiny model and its judge template, the test's
+    files); docs/api.md, trust model."""
+    return {
+        "SELFREWARD_SERVICES__POLICY_URL": policy_url,
+        "SELFREWARD_ALLOWED_PATHS": f"{root}:{model_dir.parent}",
+        **more,
+    }
+
+
 class Cluster:
-    def __init__(self, root: Path, redis_url: str, stack: ExitStack) -> None:
+    def __init__(
+        self, root: Path, redis_url: str, stack: ExitStack, env: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.redis_url = redis_url
         self.stack = stack
@@ -51,6 +64,7 @@ class Cluster:
             "SELFREWARD_API_TOKEN": TOKEN,
             "SELFREWARD_ARTIFACT_ROOT": str(root / "artifacts"),
             "OMP_NUM_THREADS": "1",
+            **(env or {}),
         }
         self.coordinator = None
         self.workers: list[Any] = []
@@ -104,9 +118,9 @@ class Cluster:
 
 
 @contextmanager
-def cluster(tmp_path: Path, redis_url: str) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, redis_url: str, env: dict[str, str]) -> Iterator[Cluster]:
     with ExitStack() as stack:
-        c = Cluster(tmp_path, redis_url, stack)
+        c = Cluster(tmp_path, redis_url, stack, env)
         c.start_coordinator()
         yield c
 
@@ -140,7 +154,7 @@ def wait_records(path: Path, at_least: int, timeout_s: float = 120) -> int:
 def test_rest_session_iteration_restart_and_idempotent_start(
     tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
 ) -> None:
-    with cluster(tmp_path, redis_url) as c:
+    with cluster(tmp_path, redis_url, deployment(policy_server.url, tiny_model_dir, tmp_path)) as c:
         with c.client(token=None) as anon:
             assert anon.get("/healthz").json()["status"] == "ok"
             assert "/runs/{run_id}/iterations" in anon.get("/openapi.json").json()["paths"]
@@ -209,7 +223,7 @@ def test_failed_stage_resume_and_killed_workers_lose_nothing(
         services={"concurrency": 1},
     )
     run_dir = tmp_path / "artifacts" / "runs" / "r2"
-    with cluster(tmp_path, redis_url) as c:
+    with cluster(tmp_path, redis_url, deployment(policy_server.url, tiny_model_dir, tmp_path)) as c:
         with c.client() as api:
             assert api.post("/runs", json=body).status_code == 201
             assert api.post("/runs/r2/iterations").status_code == 202
@@ -264,9 +278,20 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
     def reply(model: str, prompt: str, body: dict[str, Any]) -> str:
         return "m" if "Best Model Identifier" in prompt else answer
 
-    with cluster(tmp_path, redis_url) as c, fake_gemini(api_key="gk", reply=reply) as gemini:
+    judge_port = free_port()
+    judge_url = f"http://127.0.0.1:{judge_port}"
+    with ExitStack() as outer:
+        gemini = outer.enter_context(fake_gemini(api_key="gk", reply=reply))
+        env = deployment(
+            policy_server.url,
+            tiny_model_dir,
+            tmp_path,
+            SELFREWARD_SERVICES__JUDGE_URL=judge_url,
+            SELFREWARD_ALLOWED_BACKENDS=f"openai:{policy_server.url}/v1#*,gemini:*",
+            SELFREWARD_ALLOWED_GEMINI_BASE_URLS=gemini.base_url,
+        )
+        c = outer.enter_context(cluster(tmp_path, redis_url, env))
         template = tiny_model_dir.parent / "short-judge.txt"
-        judge_port = free_port()
         judge_env = {
             **c.env,
             "POLICY_URL": policy_server.url,
@@ -277,7 +302,6 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
         judge = c.stack.enter_context(
             background([*SELFREWARD, "serve", "judge", "--port", str(judge_port)], judge_log, judge_env)
         )
-        judge_url = f"http://127.0.0.1:{judge_port}"
         wait_http(f"{judge_url}/healthz", 60, judge, judge_log)
         c.env["GEMINI_API_KEY"] = "gk"  # the workers' environment (teacher-demo writes with Gemini)
         treward = run_body(
@@ -286,7 +310,6 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
             policy_server.url,
             variant="teacher-reward",
             teacher={"backend": teacher},
-            services={"judge_url": judge_url},
         )
         tdemo = run_body(
             "tdemo",

@@ -105,8 +105,8 @@ def test_score_compare_auth_cache_and_metrics(fake: FakeGemini, redis_url: str, 
         assert client.post("/v1/score", json={**body, "responses": []}, headers=AUTH).status_code == 422
         assert client.post("/v1/score", json={**body, "extra": 1}, headers=AUTH).status_code == 422
         health = client.get("/healthz").json()
-        assert health["status"] == "ok" and health["cache"] == "redis"
-        assert health["judges"] == ["gemini:gemini-test (sample)"]
+        assert health["status"] == "ok" and health["cache"] == {"backend": "redis", "errors": 0, "up": True}
+        assert health["judges"] == 1  # how many, never which (the specs may name internal hosts)
         calls_before_restart = fake.calls
         text = client.get("/metrics").text
         assert metric(text, "selfreward_judge_requests_total", endpoint="/v1/score", status="200") == 2

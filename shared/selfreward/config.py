@@ -29,8 +29,30 @@ Variant = Literal["self-reward", "teacher-reward", "teacher-demo"]
 BACKEND_PATTERN = re.compile(r"^(policy:[^\s#]+|gemini:[\w.\-]+|openai:https?://[^\s#]+#[^\s]+)$")
 
 
+MAX_STRING = 4096  # characters of any string setting (paths, specs, URLs, templates' names)
+MAX_LIST = 256  # items of any list setting
+MAX_NAME = 100  # characters of a run name (it becomes a folder name and part of RQ job ids)
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    """Unknown keys, infinities and NaN are errors; strings and lists are bounded (MAX_STRING, MAX_LIST)."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise ValueError(f"at most {MAX_STRING} characters (got {len(value)})")
+        if isinstance(value, list | tuple):
+            if len(value) > MAX_LIST:
+                raise ValueError(f"at most {MAX_LIST} items (got {len(value)})")
+            for item in value:
+                if isinstance(item, str) and len(item) > MAX_STRING:
+                    raise ValueError(f"items of at most {MAX_STRING} characters (got {len(item)})")
+        return value
 
 
 def _check_backend(value: str | None) -> str | None:
@@ -274,7 +296,7 @@ class EvalConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=MAX_NAME)
     seed: int = 42
     artifact_root: Path = Path("artifacts")
     variant: Variant = "self-reward"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-import traceback
 from typing import Any
 
 import redis
@@ -191,9 +190,8 @@ def on_stage_failure(job: Job, connection: redis.Redis, exc_type: Any, exc: Base
     if job.should_retry:
         return
     meta = job.meta
+    # the API shows this message: no traceback (RQ keeps it in the job's result, and the log)
     message = f"{type(exc).__name__}: {exc}" if exc is not None else "failed"
-    if tb is not None:
-        message += "\n" + "".join(traceback.format_tb(tb)[-3:])
     RunStore(connection).update_iteration(
         meta["run"],
         meta["t"],

@@ -62,18 +62,39 @@ class RunStore:
         return f"{PREFIX}run:{run_id}:iter:{t}"
 
     def create_run(self, config: RunConfig) -> bool:
-        """Register a run; False if a run with that name exists with another config."""
+        """Register a run in one transaction; False if it exists with the same config (Conflict if
+        with another). Nothing is half-registered: the config, its metadata and the index entry
+        are written together, or not at all."""
         key = self._run_key(config.name)
         body = config.model_dump_json()
-        created = self.r.hsetnx(key, "config", body)
-        if created:
-            self.r.hset(key, mapping={"created_at": time.time(), "cancelled": 0})
-            self.r.zadd(f"{PREFIX}runs", {config.name: time.time()})
-            return True
-        existing = self.r.hget(key, "config")
-        if existing is not None and json.loads(existing) == json.loads(body):
-            return False
-        raise Conflict(f"run {config.name!r} exists with a different config; choose another name")
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    existing = pipe.hget(key, "config")
+                    if existing is not None:
+                        pipe.unwatch()
+                        if json.loads(existing) == json.loads(body):
+                            return False
+                        raise Conflict(
+                            f"run {config.name!r} exists with a different config; choose another name"
+                        )
+                    now = time.time()
+                    pipe.multi()
+                    pipe.hset(key, mapping={"config": body, "created_at": now, "cancelled": 0})
+                    pipe.zadd(f"{PREFIX}runs", {config.name: now})
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def delete_run(self, run_id: str) -> None:
+        """Forget a run: its config, iterations and index entry (the artifacts are the caller's)."""
+        keys = [self._run_key(run_id), *(self._iter_key(run_id, t) for t in self.iterations(run_id))]
+        with self.r.pipeline() as pipe:
+            pipe.delete(*keys)
+            pipe.zrem(f"{PREFIX}runs", run_id)
+            pipe.execute()
 
     def exists(self, run_id: str) -> bool:
         return bool(self.r.exists(self._run_key(run_id)))

@@ -106,11 +106,13 @@ class LLMJudge(ConfiguredJudge):
         backend: Backend,
         cache: VerdictCache | None,
         observer: JudgeObserver | None = None,
+        owns_cache: bool = True,
     ) -> None:
         self.spec = spec
         self.config = config
         self.backend = backend
         self.cache = cache
+        self.owns_cache = owns_cache  # False: a cache shared with other judges (the judge service's)
         self.observer = observer or JudgeObserver()
         self._load_templates()
 
@@ -511,11 +513,11 @@ class LLMJudge(ConfiguredJudge):
     def with_config(self, config: JudgeConfig) -> LLMJudge:
         """A judge with other settings (e.g. mode) sharing this one's backend, so its concurrency
         bound and rate limit, and its cache. Backend settings (limits, retries) stay this judge's."""
-        return LLMJudge(self.spec, config, self.backend, self.cache, self.observer)
+        return LLMJudge(self.spec, config, self.backend, self.cache, self.observer, self.owns_cache)
 
     async def aclose(self) -> None:
         await self.backend.aclose()
-        if self.cache is not None:
+        if self.cache is not None and self.owns_cache:
             await self.cache.aclose()
 
     async def __aenter__(self) -> LLMJudge:
@@ -550,8 +552,12 @@ def make_judge(
     redis_url: str | None = None,
     observer: JudgeObserver | None = None,
     client: OpenAICompatClient | None = None,
+    cache: VerdictCache | None = None,
 ) -> LLMJudge:
     """Build a judge from a spec (see selfreward.llm.specs) and the judge config.
+
+    `cache`: a verdict cache shared with other judges (left open by this judge's `aclose`);
+    default: its own, on `redis_url` (in-process without one).
 
     `client`: the caller's open client of the policy service (a stage's); a judge on that
     server shares its connection pool (selfreward.llm.make_backend)."""
@@ -567,8 +573,11 @@ def make_judge(
     observer = observer or JudgeObserver()
     events = BackendEvents(on_call=observer.backend_call, on_retry=observer.retry)
     backend = make_backend(resolved, config, teacher=teacher, events=events, client=client)
-    cache = VerdictCache(redis_url, ttl_s=config.cache_ttl_s) if config.cache else None
-    return LLMJudge(resolved, config, backend, cache, observer)
+    if not config.cache:
+        return LLMJudge(resolved, config, backend, None, observer)
+    if cache is not None:
+        return LLMJudge(resolved, config, backend, cache, observer, owns_cache=False)
+    return LLMJudge(resolved, config, backend, VerdictCache(redis_url, ttl_s=config.cache_ttl_s), observer)
 
 
 def make_run_judge(

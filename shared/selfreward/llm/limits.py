@@ -1,8 +1,9 @@
 """Limits of one backend in this process: requests in flight and requests per minute.
 
 `Limits.slot()` is what every request to a backend goes through (each retry attempt too):
-first the sliding-window rate limit (`requests_per_minute` in any 60 s), then the concurrency
-bound. Made lazily in the event loop that uses them.
+first a concurrency slot, then the sliding-window rate limit (`requests_per_minute` in any
+60 s), so a request is counted when it is sent, not while it waits for a slot: the limit holds
+for the requests that actually reach the backend.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ class RateLimiter:
 class Limits:
     """Concurrency bound + rate limit of one backend (see the module docstring)."""
 
-    def __init__(self, concurrency: int, requests_per_minute: int | None = None) -> None:
+    def __init__(
+        self, concurrency: int, requests_per_minute: int | None = None, window_s: float = 60.0
+    ) -> None:
         self.concurrency = max(1, concurrency)
         self.requests_per_minute = requests_per_minute
         self._semaphore = asyncio.Semaphore(self.concurrency)
-        self._rate = RateLimiter(requests_per_minute)
+        self._rate = RateLimiter(requests_per_minute, window_s)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        await self._rate.acquire()
         async with self._semaphore:
+            await self._rate.acquire()
             yield

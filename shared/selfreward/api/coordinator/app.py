@@ -1,21 +1,26 @@
 """The coordinator's REST API (FastAPI): create runs, start and inspect iterations, read metrics.
 
 Settings come from the environment (docs/api.md): REDIS_URL (or SELFREWARD_REDIS_URL),
-SELFREWARD_API_TOKEN (bearer token required on every mutating route when set), and any
+SELFREWARD_API_TOKEN (bearer token of every route but /healthz, /metrics and the OpenAPI
+documents; SELFREWARD_PUBLIC_READS=1 opens the GET routes for a trusted network), any
 SELFREWARD_* config override, applied to every posted run config (a deployment pins
-artifact_root and the service URLs this way).
+artifact_root and the service URLs this way), and the allow-lists of what a posted run may
+name (selfreward.api.coordinator.trust). Errors are JSON {"detail": ...}: 401 without the token,
+404 unknown run or iteration, 409 conflicts, 413 a body over 1 MiB, 422 a bad config (one entry
+per field), 503 while Redis or the artifact store is unavailable. No answer carries a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -30,12 +35,25 @@ from rq import Queue
 from selfreward import __version__
 from selfreward.api.auth import require_token
 from selfreward.api.coordinator import status as run_status
+from selfreward.api.coordinator.trust import Deployment
+from selfreward.api.limits import BodyLimit, shown
 from selfreward.config import RunConfig, deep_merge, dump_config, env_overrides
 from selfreward.drivers.rq import cancel_iteration, enqueue_iteration
 from selfreward.drivers.state import Conflict, RunNotFound, RunStore
 from selfreward.stages import plan
 from selfreward.stages.stage import QUEUES
 from selfreward.storage import RunLayout, atomic_write_text
+
+MAX_BODY_BYTES = 1 << 20
+ERRORS = {  # the error answers every route may give, for the OpenAPI document
+    401: {"description": "missing or wrong bearer token"},
+    503: {"description": "Redis or the artifact store is unavailable"},
+}
+RUN_ERRORS = {**ERRORS, 404: {"description": "no such run or iteration"}}
+
+
+class Error(BaseModel):
+    detail: Any
 
 
 class IterationStarted(BaseModel):
@@ -55,7 +73,7 @@ def _validation_detail(err: ValidationError) -> list[dict[str, Any]]:
                 "field": ".".join(str(p) for p in e["loc"]) or "(body)",
                 "msg": "unknown setting" if e["type"] == "extra_forbidden" else e["msg"],
                 "type": e["type"],
-                "input": e.get("input") if not isinstance(e.get("input"), dict) else None,
+                "input": shown(e.get("input")) if not isinstance(e.get("input"), dict) else None,
             }
         )
     return out
@@ -72,9 +90,13 @@ def create_app(
         or "redis://127.0.0.1:6379/0"
     )
     api_token = (api_token if api_token is not None else environ.get("SELFREWARD_API_TOKEN")) or None
-    conn = redis.Redis.from_url(redis_url)
+    public_reads = environ.get("SELFREWARD_PUBLIC_READS", "").strip().lower() in ("1", "true", "yes")
+    conn = redis.Redis.from_url(
+        redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=15
+    )
     store = RunStore(conn)
     overrides = env_overrides(environ)
+    deployment = Deployment.from_env(environ)
 
     registry = CollectorRegistry()
     requests_total = Counter(
@@ -96,7 +118,9 @@ def create_app(
         version=__version__,
         description="Create runs, start and inspect iterations of the online feedback loop.",
     )
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     authorize = require_token(api_token)
+    read = [] if public_reads else [Depends(authorize)]
 
     @app.middleware("http")
     async def metrics_middleware(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -116,52 +140,133 @@ def create_app(
     async def conflict(_: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"redis unavailable ({type(exc).__name__})"}, status_code=503)
+
+    @app.exception_handler(OSError)
+    async def storage_down(_: Request, exc: OSError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"artifact store unavailable ({type(exc).__name__}: {exc.strerror or exc})"},
+            status_code=503,
+        )
+
     def layout_of(run_id: str) -> tuple[RunConfig, RunLayout]:
         config = store.config(run_id)
         return config, RunLayout(config.artifact_root, run_id)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: ERRORS[503]})
     def healthz() -> dict[str, Any]:
         try:
             conn.ping()
         except redis.RedisError as exc:
-            raise HTTPException(503, f"redis unreachable: {exc}") from None
+            raise HTTPException(503, f"redis unreachable ({type(exc).__name__})") from None
         return {"status": "ok", "version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         for q in QUEUES:
             queue_length.labels(q).set(Queue(q, connection=conn).count)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/runs", status_code=201, dependencies=[Depends(authorize)])
+    @app.post(
+        "/runs",
+        status_code=201,
+        dependencies=[Depends(authorize)],
+        responses={
+            **ERRORS,
+            200: {"description": "the run exists with the same config"},
+            400: {"description": "the body is not JSON", "model": Error},
+            409: {"description": "the run exists with another config", "model": Error},
+            413: {"description": "the body is larger than 1 MiB", "model": Error},
+            422: {"description": "a bad or not allowed setting (one entry per field)", "model": Error},
+        },
+    )
     def create_run(body: dict[str, Any], response: Response) -> dict[str, Any]:
-        """Create a run from a config (the YAML file's content as JSON). 422 lists every bad field."""
+        """Create a run from a config (the YAML file's content as JSON). 422 lists every bad field,
+        and every setting outside what the deployment allows (docs/api.md, trust model)."""
         try:
             config = RunConfig.model_validate(deep_merge(body, overrides))
         except ValidationError as err:
             raise HTTPException(422, _validation_detail(err)) from None
-        created = store.create_run(config)
+        problems = deployment.check(config)
+        if problems:
+            raise HTTPException(422, problems)
         layout = RunLayout(config.artifact_root, config.name)
-        if not layout.config_path.exists():
-            atomic_write_text(layout.config_path, dump_config(config))
-        if not created:
+        text = dump_config(config)
+        try:
+            existing = store.config(config.name)
+        except RunNotFound:
+            existing = None
+        if existing is not None:
+            if existing.model_dump_json() != config.model_dump_json():
+                raise Conflict(f"run {config.name!r} exists with a different config; choose another name")
             response.status_code = 200
-        return run_status.run_summary(store, conn, config.name)
+            return run_status.run_summary(store, conn, config.name)
+        # write the run's folder first, then register it (a failed write registers nothing)
+        if layout.config_path.is_file():
+            if layout.config_path.read_text(encoding="utf-8") != text:
+                raise Conflict(
+                    f"{layout.run_dir} holds a run of another config; remove it or choose another name"
+                )
+        else:
+            atomic_write_text(layout.config_path, text)
+        if not store.create_run(config):
+            response.status_code = 200
+        summary = run_status.run_summary(store, conn, config.name)
+        replaced = deployment.replaced(body)
+        if replaced:
+            summary["replaced"] = replaced  # the deployment's values of these were kept
+        return summary
 
-    @app.get("/runs")
+    @app.get("/runs", dependencies=read, responses=ERRORS)
     def list_runs() -> list[dict[str, Any]]:
-        return [run_status.run_summary(store, conn, r, brief=True) for r in store.run_ids()]
+        """Every run, brief; a run whose stored state cannot be read is listed with its error."""
+        out = []
+        for run_id in store.run_ids():
+            try:
+                out.append(run_status.run_summary(store, conn, run_id, brief=True))
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # one bad record never hides the others
+                out.append({"run": run_id, "error": f"unreadable ({type(exc).__name__})"})
+        return out
 
-    @app.get("/runs/{run_id}")
+    @app.get("/runs/{run_id}", dependencies=read, responses=RUN_ERRORS)
     def get_run(run_id: str) -> dict[str, Any]:
         return run_status.run_summary(store, conn, run_id)
+
+    @app.delete(
+        "/runs/{run_id}",
+        dependencies=[Depends(authorize)],
+        responses={**RUN_ERRORS, 409: {"description": "an iteration is queued or running", "model": Error}},
+    )
+    def delete_run(run_id: str, artifacts: Literal["keep", "delete"] = "keep") -> dict[str, Any]:
+        """Forget a run (its state in Redis). `artifacts=delete` also removes runs/<run>/ from
+        the artifact store; by default the files stay (a new run of the same config resumes them)."""
+        config, layout = layout_of(run_id)
+        with store.lock(run_id):
+            for t in store.iterations(run_id):
+                if run_status.chain_status(store, conn, run_id, t)[0] in ("queued", "running"):
+                    raise Conflict(f"iteration {t} of run {run_id!r} is live; cancel the run first")
+            store.delete_run(run_id)
+        removed = False
+        if artifacts == "delete" and layout.run_dir.is_dir():
+            root = config.artifact_root.resolve()
+            if layout.run_dir.resolve().is_relative_to(root):
+                shutil.rmtree(layout.run_dir)
+                removed = True
+        return {"run": run_id, "deleted": True, "artifacts": "deleted" if removed else "kept"}
 
     @app.post(
         "/runs/{run_id}/iterations",
         status_code=202,
         dependencies=[Depends(authorize)],
         response_model=IterationStarted,
+        responses={
+            **RUN_ERRORS,
+            409: {"description": "an iteration is live, failed or done", "model": Error},
+        },
     )
     def start_iteration(run_id: str) -> IterationStarted:
         """Start the next iteration (with the set-up stages first if they are not done)."""
@@ -192,6 +297,10 @@ def create_app(
         status_code=202,
         dependencies=[Depends(authorize)],
         response_model=IterationStarted,
+        responses={
+            **RUN_ERRORS,
+            409: {"description": "an iteration is live, failed or done", "model": Error},
+        },
     )
     def resume_iteration(run_id: str, t: int) -> IterationStarted:
         """Re-enqueue a failed or cancelled iteration from its first unfinished stage."""
@@ -210,12 +319,12 @@ def create_app(
             run=run_id, t=t, status=state.status, stages=list(state.jobs), jobs=state.jobs
         )
 
-    @app.get("/runs/{run_id}/iterations/{t}")
+    @app.get("/runs/{run_id}/iterations/{t}", dependencies=read, responses=RUN_ERRORS)
     def get_iteration(run_id: str, t: int) -> dict[str, Any]:
         """Stage states, progress, counts and metrics of iteration t (0 = set-up)."""
         return run_status.iteration_detail(store, conn, run_id, t)
 
-    @app.post("/runs/{run_id}/cancel", dependencies=[Depends(authorize)])
+    @app.post("/runs/{run_id}/cancel", dependencies=[Depends(authorize)], responses=RUN_ERRORS)
     def cancel(run_id: str) -> dict[str, Any]:
         layout_of(run_id)
         store.set_cancelled(run_id, True)
@@ -223,4 +332,24 @@ def create_app(
             cancel_iteration(conn, store, run_id, t)
         return run_status.run_summary(store, conn, run_id)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the RunConfig schema for POST /runs' body."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema = RunConfig.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            components.update(schema.pop("$defs", {}))
+            components["RunConfig"] = schema
+            doc["paths"]["/runs"]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunConfig"}}},
+            }
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

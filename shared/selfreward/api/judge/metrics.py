@@ -47,12 +47,20 @@ class JudgeMetrics(JudgeObserver):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cache_errors = Counter(
+            "selfreward_judge_cache_errors",
+            "verdict cache lookups or writes that failed (the request was judged without the cache)",
+            registry=r,
+        )
         self.retries = Counter(
             "selfreward_judge_backend_retries",
             "retried model calls by reason",
             ["backend", "reason"],
             registry=r,
         )
+
+    def cache_error(self, exc: BaseException) -> None:
+        self.cache_errors.inc()
 
     # JudgeObserver hooks
 

@@ -7,6 +7,9 @@ POLICY_URL               the policy service for policy:* judges; default service
 SELFREWARD_SELF_MODEL    the served name `policy:self` resolves to (M(t))
 SELFREWARD_DEFAULT_JUDGE judge of requests that name none; default: the config's feedback judge
 SELFREWARD_API_TOKEN     when set, /v1/* require `Authorization: Bearer <token>`
+SELFREWARD_ALLOWED_BACKENDS  comma-separated fnmatch patterns of the judges requests may name
+                         besides policy:<model> and the default judge (e.g. gemini:*)
+SELFREWARD_MAX_JUDGES    judges (specs) kept at once, least recently used closed first (32)
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class JudgeSettings:
     self_model: str | None = None
     default_judge: str | None = None
     api_token: str | None = None
+    allowed_backends: tuple[str, ...] = ()
+    max_judges: int = 32
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> JudgeSettings:
@@ -43,4 +48,8 @@ class JudgeSettings:
             self_model=env.get("SELFREWARD_SELF_MODEL") or None,
             default_judge=default,
             api_token=env.get("SELFREWARD_API_TOKEN") or None,
+            allowed_backends=tuple(
+                x.strip() for x in (env.get("SELFREWARD_ALLOWED_BACKENDS") or "").split(",") if x.strip()
+            ),
+            max_judges=max(1, int(env.get("SELFREWARD_MAX_JUDGES") or 32)),
         )
