@@ -159,8 +159,9 @@ def test_the_coordinator_creates_a_run_from_its_install(
     argv = [str(venvs["coordinator"] / "bin" / "selfreward"), "serve", "coordinator", "--port", str(port)]
     with service(argv, env, tmp_path / "coordinator.log"):
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            r = client.post("/runs", json={"name": "lite"}, headers={"Authorization": "Bearer t"})
+        auth = {"Authorization": "Bearer t"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth) as client:
+            r = client.post("/runs", json={"name": "lite"})
             assert r.status_code == 201, r.text
             assert client.get("/runs/lite").json()["artifacts"] == str(tmp_path / "runs" / "lite")
             assert client.get("/runs/lite/iterations/0").json()["stages"][0]["stage"] == "prepare"
