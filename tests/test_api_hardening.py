@@ -329,3 +329,21 @@ def test_the_openapi_document_shows_the_run_config_and_every_error(redis_url: st
             if method == "post" and path == "/runs":
                 assert {"409", "413", "422", "503"} <= codes
     assert os.environ.get("SELFREWARD_API_TOKEN") != TOKEN  # the test's token is its own
+
+
+def test_fields_the_deployment_sets_are_its_own_choice(redis_url: str, redis_conn: Any, tmp_path: Path) -> None:
+    """A value of the deployment's own overrides is trusted (a model folder it mounts, a teacher it
+    picked), while the same value posted by a client is refused."""
+    model = tmp_path / "models" / "phi"
+    model.mkdir(parents=True)
+    body = {"name": "mine", "model": {"base": str(model)}}
+    with coordinator(redis_url, tmp_path) as api:
+        assert fields(api.post("/runs", json=body, headers=AUTH)) == {"model.base"}
+    with coordinator(redis_url, tmp_path, SELFREWARD_MODEL__BASE=str(model)) as api:
+        r = api.post("/runs", json={"name": "theirs"}, headers=AUTH)
+        assert r.status_code == 201 and r.json()["config"]["model"]["base"] == str(model)
+        other = tmp_path / "models" / "other"
+        other.mkdir()
+        posted = {"name": "other", "model": {"base": str(other)}}
+        r = api.post("/runs", json=posted, headers=AUTH)  # the deployment's overrides win over a body
+        assert r.status_code == 201 and r.json()["config"]["model"]["base"] == str(model)

@@ -24,8 +24,9 @@ environment):
   (`builtin:<template>`, `demo`, `hf:<repo>`, `ift-eval`, shipped accelerate configs, hub ids,
   the built-in model alias) are always allowed. Symbolic links are resolved first.
 
-Every violation is one 422 entry naming the field. The embedded CLI (`selfreward run`) is not
-checked: its user owns the machine.
+A field the deployment sets itself (any `SELFREWARD_*` override, e.g. `model.base` and its chat
+template) is trusted while it holds the deployment's value; any other value is checked. Every violation is one 422 entry
+naming the field. The embedded CLI (`selfreward run`) is not checked: its user owns the machine.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ BACKEND_FIELDS = (("teacher", "backend"), ("data", "eft_judge"), ("eval", "judge
 
 def _split(value: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in (value or "").replace(";", ",").split(",") if x.strip())
+
+
+def _leaves(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out += _leaves(value, (*prefix, key))
+        else:
+            out.append((*prefix, key))
+    return out
 
 
 def _present(data: Mapping[str, Any], path: tuple[str, ...]) -> bool:
@@ -83,6 +94,7 @@ class Deployment:
 
     defaults: RunConfig  # what the deployment sets (its overrides over the built-in defaults)
     overridden: frozenset[tuple[str, ...]] = frozenset()  # the owned fields its overrides set
+    deployment_set: frozenset[tuple[str, ...]] = frozenset()  # every field its overrides set
     backends: tuple[str, ...] = ()
     gemini_base_urls: tuple[str, ...] = ()
     path_roots: tuple[Path, ...] = ()
@@ -93,11 +105,13 @@ class Deployment:
         overrides = env_overrides(env)
         defaults = RunConfig.model_validate(deep_merge({}, overrides))
         overridden = frozenset(f for f in OWNED if _present(overrides, f))
+        deployment_set = frozenset(_leaves(overrides))
         extra = [p for p in (env.get("SELFREWARD_ALLOWED_PATHS") or "").split(os.pathsep) if p.strip()]
         roots = [defaults.artifact_root, *map(Path, extra)]
         return cls(
             defaults=defaults,
             overridden=overridden,
+            deployment_set=deployment_set,
             backends=_split(env.get("SELFREWARD_ALLOWED_BACKENDS")),
             gemini_base_urls=_split(env.get("SELFREWARD_ALLOWED_GEMINI_BASE_URLS")),
             path_roots=tuple(Path(r).expanduser().resolve() for r in roots),
@@ -143,6 +157,8 @@ class Deployment:
                 refuse(field, theirs, f"set by the deployment ({mine}); a posted run cannot change it")
         for field in BACKEND_FIELDS:
             spec = _get(config, field)
+            if self._deployments_own(config, field):
+                continue
             if spec is not None and not self.backend_allowed(spec):
                 refuse(
                     field,
@@ -152,6 +168,8 @@ class Deployment:
                     + " (SELFREWARD_ALLOWED_BACKENDS)",
                 )
         url = config.teacher.gemini_base_url
+        if self._deployments_own(config, ("teacher", "gemini_base_url")):
+            url = None
         if url is not None and url not in self.gemini_base_urls:
             refuse(
                 ("teacher", "gemini_base_url"),
@@ -159,10 +177,16 @@ class Deployment:
                 "not an endpoint this deployment allows (SELFREWARD_ALLOWED_GEMINI_BASE_URLS)",
             )
         for field, value in self._paths(config):
+            if self._deployments_own(config, field):  # e.g. the model folder it mounts
+                continue
             if not self.path_allowed(value):
                 roots = ", ".join(str(r) for r in self.path_roots)
                 refuse(field, value, f"a path of a posted run must be absolute and inside {roots}")
         return problems
+
+    def _deployments_own(self, config: RunConfig, field: tuple[str, ...]) -> bool:
+        """The field holds the value the deployment's own overrides gave it."""
+        return field in self.deployment_set and _get(config, field) == _get(self.defaults, field)
 
     @staticmethod
     def _paths(config: RunConfig) -> list[tuple[tuple[str, ...], str | Path]]:
