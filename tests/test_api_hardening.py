@@ -331,7 +331,9 @@ def test_the_openapi_document_shows_the_run_config_and_every_error(redis_url: st
     assert os.environ.get("SELFREWARD_API_TOKEN") != TOKEN  # the test's token is its own
 
 
-def test_fields_the_deployment_sets_are_its_own_choice(redis_url: str, redis_conn: Any, tmp_path: Path) -> None:
+def test_fields_the_deployment_sets_are_its_own_choice(
+    redis_url: str, redis_conn: Any, tmp_path: Path
+) -> None:
     """A value of the deployment's own overrides is trusted (a model folder it mounts, a teacher it
     picked), while the same value posted by a client is refused."""
     model = tmp_path / "models" / "phi"

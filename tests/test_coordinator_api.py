@@ -335,3 +335,41 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
         pairs = load_jsonl(root / "tdemo" / "iter-1" / "pairs.jsonl")
         assert pairs and all(p["chosen"][0]["content"] == answer for p in pairs)
         assert all(r.key_ok for r in gemini.requests)
+
+
+@pytest.mark.timeout(900)
+def test_rest_meta_reward_iteration(
+    tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
+) -> None:
+    """meta-reward through the coordinator and RQ workers: the meta_judgments stage runs on the
+    judge queue and the pairs stage records both kinds of pairs by its rules."""
+    body = run_body(
+        "meta",
+        tiny_model_dir,
+        policy_server.url,
+        variant="meta-reward",
+        judge={"samples": 2, "mode": "sample", "max_tokens": 16},
+        meta={"judge_pair_fraction": 0.5, "max_tokens": 16, "max_judgment_chars": None},
+        eval={"continue_on_collapse": True},
+    )
+    with cluster(tmp_path, redis_url, deployment(policy_server.url, tiny_model_dir, tmp_path)) as c:
+        with c.client() as api:
+            assert api.post("/runs", json=body).status_code == 201
+            r = api.post("/runs/meta/iterations")
+            assert r.status_code == 202 and "1:meta_judgments" in r.json()["jobs"]
+        c.start_worker(0)
+        detail = c.wait_iteration("meta", 1, ("done", "failed"), 600)
+        assert detail["status"] == "done", (detail.get("failed_stage"), detail.get("error"))
+        stages = {s["stage"]: s for s in detail["stages"]}
+        assert stages["meta_judgments"]["queue"] == "judge" and stages["meta_judgments"]["state"] == "done"
+        feedback = detail["feedback"]
+        assert feedback["pairs_by_kind"].get("actor", 0) >= 1
+        judged = feedback["judge_pairs"]["meta_judged"]
+        assert (
+            feedback["pairs_by_kind"].get("judge", 0) + sum(feedback["judge_pairs"]["dropped"].values())
+            == judged
+        )
+        meta = read_manifest(
+            tmp_path / "artifacts" / "runs" / "meta" / "iter-1" / "meta_judgments.manifest.json"
+        )
+        assert meta["candidates"] == judged and meta["battles"] == judged  # 2 judgments: 1 battle each

@@ -6,6 +6,7 @@ Gemini fake speaking the real generateContent wire format."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,56 @@ def test_teacher_demo_with_gemini_fake(
     out = check_run(tmp_path / "c", "tdemo", "teacher-demo")
     assert all(p["chosen"][0]["content"] == TEACHER_ANSWER for p in out["pairs"])
     assert read_manifest(out["run"] / "iter-1" / "judgments.manifest.json")["skipped"]
+
+
+META = {
+    "variant": "meta-reward",
+    "iterations": 2,
+    "judge": {"samples": 3, "mode": "sample", "max_tokens": 16},
+    "pairs": {"length_control": True, "length_rho": 0.2},
+    "meta": {"judge_pair_fraction": 0.5, "max_tokens": 16, "max_judgment_chars": None},
+    "eval": {"continue_on_collapse": True},  # a random judge may collapse: tests/test_judge_health.py
+}
+
+
+@pytest.mark.timeout(900)
+def test_meta_reward_two_iterations_with_trends(tmp_path: Path, tiny_model_dir: Path, policy_server) -> None:
+    """meta-reward end to end on the tiny model (embedded): both iterations meta-judge, the pairs
+    stage mixes both kinds by its rules, the report shows the judge's trends."""
+    over = {k: v for k, v in META.items() if k != "judge"}
+    config = tiny_config(tmp_path / "m", "meta", tiny_model_dir, policy_server.url, **over)
+    data = yaml.safe_load(config.read_text())
+    data["judge"] = {**data["judge"], **META["judge"]}  # sampled judgments replace the logprob ones
+    config.write_text(yaml.safe_dump(data))
+    output = run_cli(config, policy_server.url)
+    assert "meta_judgments" in output
+    run = tmp_path / "m" / "runs" / "meta"
+    for t in (1, 2):
+        meta = read_manifest(run / f"iter-{t}" / "meta_judgments.manifest.json")
+        records = load_jsonl(run / f"iter-{t}" / "meta_judgments.jsonl") if meta["candidates"] else []
+        assert meta["candidates"] == len(records) and meta["battles"] == 3 * len(
+            records
+        )  # 3 judgments: 3 pairs
+        for r in records:
+            assert len(r["elo"]) == len(r["judgments"]) == 3 and len(r["battles"]) == 3
+            assert {b["outcome"] for b in r["battles"]} <= {"a", "b", "tie", "failed"}
+        pairs = read_manifest(run / f"iter-{t}" / "pairs.manifest.json")
+        judge = pairs["judge_pairs"]
+        kinds = pairs["pairs_by_kind"]
+        assert kinds.get("actor", 0) >= 1 and judge["meta_judged"] == len(records)
+        taken = kinds.get("judge", 0)
+        left = sum(judge["dropped"].values())
+        assert taken + left == len(records)  # every meta-judged candidate: a judge pair or a reason
+        assert taken <= kinds["actor"]  # judge_pair_fraction 0.5: at most as many as actor pairs
+        rows = load_jsonl(run / f"iter-{t}" / "pairs.jsonl")
+        assert sorted({r["kind"] for r in rows}) == sorted(kinds)
+        assert set(pairs["mean_lengths"]) == {"chosen", "rejected"}
+        report = json.loads((run / "eval" / f"iter-{t}" / "report.json").read_text())
+        health = report["judge_health"]
+        assert math.isclose(sum(health["score_shares"].values()), 1.0, abs_tol=1e-3)
+        assert (
+            health["collapsed"] == (health["top_share"] > 0.9)
+            and report["metrics"]["judge_collapsed"] == health["collapsed"]
+        )
+    page = (run / "report.html").read_text()
+    assert "judge: share of its top score" in page or "trends.png" in page

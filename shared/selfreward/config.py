@@ -25,7 +25,6 @@ from selfreward.errors import ConfigError
 
 ENV_PREFIX = "SELFREWARD_"
 
-Variant = Literal["self-reward", "teacher-reward", "teacher-demo"]
 BACKEND_PATTERN = re.compile(r"^(policy:[^\s#]+|gemini:[\w.\-]+|openai:https?://[^\s#]+#[^\s]+)$")
 
 
@@ -175,6 +174,46 @@ class TeacherConfig(StrictModel):
 
 class PairsConfig(StrictModel):
     min_margin: float = Field(0.0, ge=0.0, description="best-worst score gap must exceed this")
+    length_control: bool = Field(
+        False,
+        description="Meta-Rewarding's length control: chosen = the shortest answer of the top score band, "
+        "rejected = the longest of the bottom band (docs/methods.md); off: the highest and the lowest score",
+    )
+    length_rho: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="rho of length control: bands [(1-rho)max+rho min, max], [min, (1-rho)min+rho max]",
+    )
+
+
+class MetaConfig(StrictModel):
+    """Settings of the meta-reward method (Wu et al. 2024; docs/methods.md)."""
+
+    judge_pair_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=0.5,
+        description="share of judge pairs in an iteration's DPO data; NeMo-Aligner saw the judge "
+        "collapse to always 5 above 0.15, so the default stays below",
+    )
+    judge_iterations: int | None = Field(
+        2, ge=1, description="judge pairs in iterations 1..N only (the paper: 2); None = every iteration"
+    )
+    max_judgment_chars: int | None = Field(
+        1100, ge=1, description="drop judge pairs whose chosen judgment is longer (the paper's filter)"
+    )
+    max_score_share: float = Field(
+        0.4,
+        gt=0.0,
+        le=1.0,
+        description="no score of chosen judgments makes up this share of judge pairs or more",
+    )
+    template: str = Field(
+        "builtin:meta-judge", description="the meta-judge prompt (builtin:<name> or a file)"
+    )
+    max_tokens: int = Field(256, ge=8, description="tokens of a meta-judge's explanation")
+    strip_scores: bool = Field(True, description="show the meta-judge the judgments without their scores")
 
 
 class LoraConfig(StrictModel):
@@ -293,13 +332,24 @@ class EvalConfig(StrictModel):
         0.0, ge=0.0, description="sampling temperature of evaluation answers (0 = greedy)"
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    collapse_threshold: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="a judge giving one score to more than this share of answers has collapsed",
+    )
+    continue_on_collapse: bool = Field(
+        False, description="start the next iteration after a judge collapse (default: stop, flagged)"
+    )
 
 
 class RunConfig(StrictModel):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=MAX_NAME)
     seed: int = 42
     artifact_root: Path = Path("artifacts")
-    variant: Variant = "self-reward"
+    variant: str = Field(
+        "self-reward", description="the feedback method (selfreward.methods; `selfreward methods` lists them)"
+    )
     iterations: int = Field(1, ge=1)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -308,6 +358,7 @@ class RunConfig(StrictModel):
     judge: JudgeConfig = JudgeConfig()
     teacher: TeacherConfig = TeacherConfig()
     pairs: PairsConfig = PairsConfig()
+    meta: MetaConfig = MetaConfig()
     lora: LoraConfig = LoraConfig()
     sft: SFTConfig = SFTConfig()
     dpo: DPOConfig = DPOConfig()
@@ -316,10 +367,22 @@ class RunConfig(StrictModel):
     services: ServicesConfig = ServicesConfig()
     eval: EvalConfig = EvalConfig()
 
+    @field_validator("variant")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from selfreward.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; methods: {', '.join(METHODS)}")
+        return v
+
     @model_validator(mode="after")
     def _check_variant(self) -> RunConfig:
-        if self.variant in ("teacher-reward", "teacher-demo") and not self.teacher.backend:
-            raise ValueError(f"teacher.backend is required for variant {self.variant!r}")
+        from selfreward.methods import METHODS
+
+        problems = METHODS[self.variant].rules(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.teacher.backend and self.teacher.backend.startswith("policy:self"):
             raise ValueError("teacher.backend cannot be policy:self (that is the self-reward variant)")
         if self.lora.r > self.policy.max_lora_rank:
@@ -341,12 +404,11 @@ class RunConfig(StrictModel):
             on = self.policy.device == "cuda"
         return seed if on else None
 
-    def feedback_judge(self) -> str:
-        """The judge backend of the loop's judgment stage for this variant."""
-        if self.variant == "self-reward":
-            return "policy:self"
-        assert self.teacher.backend is not None
-        return self.teacher.backend
+    def feedback_judge(self) -> str | None:
+        """The judge backend of the loop's judgment stage for this method (None: no judge)."""
+        from selfreward.methods import METHODS
+
+        return METHODS[self.variant].feedback_judge(self)
 
 
 # ---------------------------------------------------------------- loading

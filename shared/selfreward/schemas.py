@@ -123,6 +123,7 @@ class PairRecord(Record):
     rejected_score: float | None = None
     chosen_id: str | None = None
     rejected_id: str | None = None
+    kind: str | None = None  # actor, demonstration, judge, ... (the method's kinds of pairs)
 
 
 def candidate_id(prompt_id: str, index: int) -> str:

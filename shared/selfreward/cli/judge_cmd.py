@@ -30,9 +30,10 @@ def _setup(
 
     config = command_config(config_path, judge={"samples": samples, "mode": mode, "structured": structured})
     if judge is None:
-        if config.variant == "self-reward":
+        spec = config.feedback_judge()
+        if spec is None or spec == "policy:self":
             raise ConfigError(["--judge is required (or a --config whose variant names a teacher)"], "judge")
-        judge = config.feedback_judge()
+        judge = spec
     return config, judge
 
 

@@ -15,6 +15,7 @@ from selfreward.cli import (
     data_cmd,
     eval_cmd,
     judge_cmd,
+    methods_cmd,
     policy_cmd,
     report_cmd,
     run_cmd,
@@ -38,6 +39,7 @@ app.add_typer(data_cmd.app, name="data")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("report")(report_cmd.report)
 app.command("run")(run_cmd.run)
+app.command("methods")(methods_cmd.methods)
 app.add_typer(train_cmd.app, name="train")
 app.add_typer(train_cmd.worker_app, name="worker")
 

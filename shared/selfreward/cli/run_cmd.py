@@ -59,3 +59,6 @@ def run(
     page = build_run_report(RunLayout(config.artifact_root, config.name))
     console.print(f"total {result.seconds / 60:.1f} min; artifacts in {result.run_dir}")
     console.print(f"report: {page}")
+    if result.stopped:
+        console.print(f"[bold red]stopped[/]: {result.stopped}")
+        raise typer.Exit(1)

@@ -1,7 +1,7 @@
 """The embedded mode: a whole run on one machine, in this process, with a vLLM server it starts.
 
 `run_embedded(config)` executes the set-up (iteration 0) and iterations 1..config.iterations
-with the same stages the RQ driver runs as jobs: for each t it runs `plan.pending(layout, t)`
+with the same stages the RQ driver runs as jobs: for each t it runs `plan.pending(layout, t, method)`
 in order, each with `stage.run_stage` (one event loop per stage). It starts the policy server
 (selfreward.policy.launcher.PolicyServer) on the prepared base model when the first stage that
 needs it (`Stage.needs_policy`) runs, with every adapter already published by this run, and
@@ -23,6 +23,7 @@ import yaml
 
 from selfreward.config import RunConfig, dump_config
 from selfreward.errors import ConfigError
+from selfreward.evaluation.judge_health import collapse_stop
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.stages import plan
 from selfreward.stages.stage import StageContext, model_name, run_stage
@@ -46,6 +47,7 @@ class RunResult:
     run_dir: str
     outcomes: list[StageOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: str | None = None  # why the run stopped before its last iteration (a judge collapse)
 
 
 def check_run_config(layout: RunLayout, config: RunConfig) -> None:
@@ -132,8 +134,12 @@ def run_embedded(
             return server.url
 
         for t in range(0, last + 1):
-            todo = {s.name for s in plan.pending(layout, t)}
-            for stage in plan.stages_of(t):
+            stop = collapse_stop(layout, t - 1, config)
+            if stop is not None:
+                result.stopped = stop
+                break
+            todo = {s.name for s in plan.pending(layout, t, config.variant)}
+            for stage in plan.stages_of(t, config.variant):
                 if stage.name not in todo:
                     done = read_manifest(layout.stage_manifest(t, stage.name)) or {}
                     outcome = StageOutcome(

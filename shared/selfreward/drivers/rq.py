@@ -41,10 +41,10 @@ def _job_id(run_id: str, t: int, stage_t: int, stage: str, attempt: int) -> str:
     return f"{safe}-it{t}-a{attempt}-{stage_t}-{stage}"
 
 
-def chain_of(layout: RunLayout, t: int) -> list[tuple[int, Stage]]:
+def chain_of(layout: RunLayout, t: int, method: str | None = None) -> list[tuple[int, Stage]]:
     """(iteration, stage) pairs still to run to finish iteration t, in order: the set-up's
-    pending stages, then iteration t's."""
-    return [(tt, s) for tt in sorted({0, t}) for s in plan.pending(layout, tt)]
+    pending stages, then iteration t's (the stages of the run's method)."""
+    return [(tt, s) for tt in sorted({0, t}) for s in plan.pending(layout, tt, method)]
 
 
 def redis_url_of(conn: redis.Redis) -> str:
@@ -111,7 +111,7 @@ def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -
     retry = Retry(max=len(intervals), interval=intervals) if intervals else None
     jobs: dict[str, str] = {}
     prev_job: Job | None = None
-    chain = chain_of(layout, t)
+    chain = chain_of(layout, t, config.variant)
     for stage_t, stage in chain:
         job = enqueue_stage(
             conn, run_id, t, stage_t, stage, attempt=attempt, depends_on=prev_job, retry=retry
@@ -172,8 +172,8 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
         progress=Progress(rq_meta_sink(job)),
         redis_url=redis_url_of(job.connection),
     )
-    manifest = run_stage(ctx, plan.stage_named(stage, stage_t))
-    last = chain_of(ctx.layout, t) == []
+    manifest = run_stage(ctx, plan.stage_named(stage, stage_t, config.variant))
+    last = chain_of(ctx.layout, t, config.variant) == []
     if last:
         store.update_iteration(run_id, t, status="done", finished_at=time.time())
     return {"stage": stage, "iteration": stage_t, "manifest": manifest}

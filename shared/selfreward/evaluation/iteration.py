@@ -24,6 +24,7 @@ from typing import Any
 from selfreward.config import RunConfig
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, safe_name
 from selfreward.evaluation.head2head import run_head2head
+from selfreward.evaluation.judge_health import judge_health
 from selfreward.evaluation.metrics.reward_model import compare_with_human, read_scores
 from selfreward.evaluation.prompt_sets import load_prompt_set, seeded_subset
 from selfreward.evaluation.reward_model import reward_model_plot, score_eft
@@ -66,6 +67,17 @@ def summary_metrics(data: dict[str, Any]) -> dict[str, Any]:
             judge_failures=h["failures"],
             prompts=h["n"],
         )
+    health = data.get("judge_health")
+    if health:
+        out.update(
+            judge_top_score=health.get("top_score"),
+            judge_top_share=health.get("top_share"),
+            judge_entropy_bits=health.get("entropy_bits"),
+            judge_parse_failure_rate=health.get("parse_failure_rate"),
+            judge_collapsed=health.get("collapsed"),
+            chosen_length=health.get("chosen_length"),
+            rejected_length=health.get("rejected_length"),
+        )
     rm = data.get("reward_model")
     if rm:
         out.update(
@@ -106,6 +118,7 @@ async def evaluate_iteration(
         "prompts": config.eval.prompts,
         "head2head": None,
         "reward_model": None,
+        "judge_health": judge_health(layout, t, config.eval.collapse_threshold),
     }
     plots: dict[str, bytes] = {}
     if baseline_model is not None and judge is not None:

@@ -23,12 +23,14 @@ PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 JUDGE_TEMPLATE = "builtin:yuan2024-additive"
 SELF_INSTRUCT_TEMPLATE = "builtin:self-instruct"
+META_JUDGE_TEMPLATE = "builtin:meta-judge"  # Wu et al. 2024, Meta-Rewarding, Fig. 2
 
 # the fields each kind of template must contain
 REQUIRED_FIELDS: dict[str, set[str]] = {
     "score": {"instruction", "response"},
     "compare": {"instruction", "output_1", "output_2"},
     "self-instruct": {"examples", "next_index"},
+    "meta": {"instruction", "response", "judgment_a", "judgment_b"},
 }
 
 

@@ -167,6 +167,31 @@ def alpaca_markdown(data: Mapping[str, Any], heading: str = "## AlpacaEval-style
     return "\n".join(parts) + "\n"
 
 
+def judge_health_markdown(h: Mapping[str, Any], t: int) -> str:
+    """The judge's scores of this iteration's candidates: distribution, entropy, collapse flag."""
+    shares = h.get("score_shares") or {}
+    lines = [
+        f"## The feedback judge in iteration {t} (`{h.get('judge')}`)",
+        "",
+        "| score | " + " | ".join(shares) + " |",
+        "| --- |" + " --- |" * len(shares),
+        "| share of candidates | " + " | ".join(f"{v:.0%}" for v in shares.values()) + " |",
+        "",
+        f"Entropy {h.get('entropy_bits')} bits (uniform: 2.585); parse failures "
+        f"{h.get('parse_failure_rate', 0):.1%} of the verdicts; mean length of chosen / rejected answers "
+        f"{h.get('chosen_length')} / {h.get('rejected_length')} characters.",
+        "",
+    ]
+    if h.get("collapsed"):
+        lines += [
+            f"**Judge collapse**: {h.get('top_share', 0) or 0:.0%} of the scores are {h.get('top_score')} "
+            f"(threshold {h.get('threshold')}). Its pairs say little; the next iteration does not start "
+            "unless eval.continue_on_collapse is set.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def iteration_markdown(data: Mapping[str, Any]) -> str:
     parts = [
         f"# Evaluation of {data['model']} (run {data['run']}, iteration {data['iteration']})",
@@ -178,6 +203,8 @@ def iteration_markdown(data: Mapping[str, Any]) -> str:
         parts.append(head2head_markdown(data["head2head"]))
     if data.get("reward_model"):
         parts.append(reward_model_markdown(data["reward_model"], "## Reward-modeling ability (EFT eval)"))
+    if data.get("judge_health"):
+        parts.append(judge_health_markdown(data["judge_health"], data["iteration"]))
     for name in data.get("plots", []):
         parts.append(f"![{name}]({name})\n")
     return "\n".join(parts)

@@ -14,6 +14,9 @@ TREND_METRICS = {
     "RM pairwise accuracy": ("reward_model", "pairwise_accuracy"),
     "RM exact match": ("reward_model", "exact_match"),
     "RM Spearman (per prompt)": ("reward_model", "spearman"),
+    "judge: share of its top score": ("judge_health", "top_share"),
+    "judge: score entropy / log2(6)": ("judge_health", "entropy_norm"),
+    "judge: parse-failure rate": ("judge_health", "parse_failure_rate"),
 }
 
 
@@ -39,7 +42,13 @@ def trend_series(reports: list[dict[str, Any]]) -> tuple[list[str], dict[str, li
     labels = [str(r.get("model")) for r in reports]
     series: dict[str, list[float | None]] = {}
     for name, (section, key) in TREND_METRICS.items():
-        values = [(r.get(section) or {}).get(key) for r in reports]
+        if key == "entropy_norm":
+            values = [
+                None if (h := r.get(section) or {}).get("entropy_bits") is None else h["entropy_bits"] / 2.585
+                for r in reports
+            ]
+        else:
+            values = [(r.get(section) or {}).get(key) for r in reports]
         if any(v is not None for v in values):
             series[name] = values
     return labels, series

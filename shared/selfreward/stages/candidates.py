@@ -6,8 +6,8 @@ them); each prompt's samples are appended to candidates.jsonl as soon as they ar
 are seeded from (run seed, t, prompt id) where policy.seeded_requests allows (GPU by default),
 so a re-run on the same server repeats itself.
 
-In the teacher-demo variant the student writes `student_samples` answers and the teacher
-one more, recorded with `teacher: true` and index -1.
+The run's method (selfreward.methods) says how many samples the student writes per prompt and
+whether the teacher writes one more (teacher-demo), recorded with `teacher: true` and index -1.
 """
 
 from __future__ import annotations
@@ -142,10 +142,12 @@ async def run(ctx: StageContext) -> CandidatesResult:
     prompts = read_records(ctx.file("prompts"), PromptRecord)
     if not prompts:
         raise EmptyResultError(f"{ctx.file('prompts')}: no prompts to answer")
-    demo = cfg.variant == "teacher-demo"
+    from selfreward.methods import method_of
+
+    method = method_of(cfg)
     model = await ctx.served()
     teacher = None
-    if demo:
+    if method.teacher_answers:
         from selfreward.teacher import make_teacher
 
         teacher = make_teacher(cfg, policy_url=ctx.url)
@@ -156,7 +158,7 @@ async def run(ctx: StageContext) -> CandidatesResult:
             prompts,
             cfg.candidates,
             ctx.file("candidates"),
-            samples=1 if demo else cfg.candidates.n,
+            samples=method.samples(cfg),
             run_seed=cfg.seed,
             t=ctx.t,
             teacher=teacher.write if teacher else None,

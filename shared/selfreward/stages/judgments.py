@@ -1,11 +1,11 @@
 """Iteration stage `judgments`: every candidate scored by the iteration's judge.
 
-The judge is the variant's feedback judge (`RunConfig.feedback_judge`: M(t) itself for
+The judge is the method's feedback judge (`RunConfig.feedback_judge`: M(t) itself for
 self-reward, the teacher for teacher-reward), in this process (`selfreward.judging`) or through
 the judge service when `services.judge_url` is set. `selfreward.judging.files.ajudge_candidates`
 writes judgments.jsonl record by record: a resumed stage judges only what is missing; a
 candidate whose verdicts failed for a backend reason is not written, so a re-run retries it.
-teacher-demo needs no judge: the stage records that and writes nothing.
+A method without a judge (teacher-demo) has the stage record that and write nothing.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ class JudgmentsResult(StageResult):
 
 async def run(ctx: StageContext) -> JudgmentsResult:
     cfg = ctx.config
-    if cfg.variant == "teacher-demo":
-        return JudgmentsResult(skipped="teacher-demo pairs need no judge")
+    spec = cfg.feedback_judge()
+    if spec is None:
+        return JudgmentsResult(skipped=f"{cfg.variant} pairs need no judge")
     from selfreward.judging.files import ajudge_candidates
 
-    spec = cfg.feedback_judge()
     judge: Any
     if cfg.services.judge_url:
         from selfreward.judging.remote import RemoteJudge

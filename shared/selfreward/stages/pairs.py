@@ -1,22 +1,32 @@
 """Iteration stage `pairs`: preference pairs, and the per-iteration feedback report.
 
-Reward variants (self-reward, teacher-reward): per prompt, among the candidates with a score
-(the mean of their parsed verdicts), chosen = the highest score, rejected = the lowest (the
-lowest candidate index wins a tie for either place, so the choice is deterministic). The
-pair is dropped as a tie when best - worst <= pairs.min_margin (with the default 0, only
-equal scores are ties). Prompts with fewer than two scored candidates are dropped and
-counted.
+The run's method (`selfreward.methods`) builds the pairs; the builders of the scored methods
+and of teacher demonstrations are here.
 
-teacher-demo: chosen = the teacher's answer, rejected = the student's sample with index 0
-(the student writes one sample in this variant). Empty answers are dropped and counted.
+Scored methods (self-reward, teacher-reward, meta-reward's actor pairs; `kind: actor`): per
+prompt, among the candidates with a score (the mean of their parsed verdicts), chosen = the
+highest score, rejected = the lowest (the lowest candidate index wins a tie for either place,
+so the choice is deterministic). With `pairs.length_control` (Meta-Rewarding's rule, Wu et al.
+2024), chosen = the shortest candidate (in characters) scoring at least
+(1 - rho) S_max + rho S_min and rejected = the longest scoring at most (1 - rho) S_min + rho S_max,
+rho = `pairs.length_rho`. The pair is dropped as a tie when chosen - rejected <= pairs.min_margin
+(with the default 0, only equal scores are ties).
+Prompts with fewer than two scored candidates are dropped and counted.
 
-Output: pairs.jsonl in TRL's conversational prompt/chosen/rejected format plus scores and
-candidate ids, sorted by prompt id (byte-identical on re-run).
+teacher-demo (`kind: demonstration`): chosen = the teacher's answer, rejected = the student's
+sample with index 0 (the student writes one sample in this method). Empty answers are dropped
+and counted.
+
+Output: pairs.jsonl in TRL's conversational prompt/chosen/rejected format plus the row's kind,
+scores and candidate ids, sorted by prompt id (byte-identical on re-run). The manifest records
+the method's report, `pairs_by_kind`, `dropped_by_reason` and the mean lengths (characters) of
+chosen and rejected answers.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
@@ -39,8 +49,37 @@ def score_histogram(judgments: list[JudgmentRecord]) -> dict[str, int]:
     return {k: hist[k] for k in [*map(str, range(6)), "unscored"] if hist[k]}
 
 
+@dataclass(frozen=True)
+class LengthControl:
+    """Meta-Rewarding's length control (Wu et al. 2024), with S_max, S_min a prompt's scores:
+    chosen = the shortest answer scoring >= (1 - rho) S_max + rho S_min, rejected = the longest
+    scoring <= (1 - rho) S_min + rho S_max. rho = 0: the best and the worst, shortest and
+    longest among equals."""
+
+    rho: float
+
+
+Scored = tuple[float, int, CandidateRecord]
+
+
+def _chosen_rejected(scored: list[Scored], length: LengthControl | None) -> tuple[Scored, Scored]:
+    if length is None:
+        return max(scored, key=lambda s: (s[0], -s[1])), min(scored, key=lambda s: (s[0], s[1]))
+    top = max(s[0] for s in scored)
+    low = min(s[0] for s in scored)
+    rho = length.rho
+    high_band = [s for s in scored if s[0] >= (1 - rho) * top + rho * low - 1e-9]
+    low_band = [s for s in scored if s[0] <= (1 - rho) * low + rho * top + 1e-9]
+    chosen = min(high_band, key=lambda s: (len(s[2].text), -s[0], s[1]))
+    rejected = max(low_band, key=lambda s: (len(s[2].text), -s[0], -s[1]))
+    return chosen, rejected
+
+
 def reward_pairs(
-    candidates: list[CandidateRecord], judgments: list[JudgmentRecord], min_margin: float
+    candidates: list[CandidateRecord],
+    judgments: list[JudgmentRecord],
+    min_margin: float,
+    length: LengthControl | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     by_id = {c.id: c for c in candidates}
     per_prompt: dict[str, list[tuple[float, int, CandidateRecord]]] = defaultdict(list)
@@ -61,8 +100,10 @@ def reward_pairs(
         if len(scored) < 2:
             dropped["fewer_than_two_scored"] += 1
             continue
-        best = max(scored, key=lambda s: (s[0], -s[1]))
-        worst = min(scored, key=lambda s: (s[0], s[1]))
+        best, worst = _chosen_rejected(scored, length)
+        if best[0] < worst[0]:  # length control's bands overlap (rho > 0.5) the wrong way round
+            dropped["inverted"] += 1
+            continue
         if best[0] - worst[0] <= min_margin:
             dropped["tie"] += 1
             continue
@@ -77,6 +118,7 @@ def reward_pairs(
                 rejected_score=worst[0],
                 chosen_id=chosen.id,
                 rejected_id=rejected.id,
+                kind="actor",
             ).model_dump(mode="json")
         )
     with_two = len(prompts) - dropped["fewer_than_two_scored"]
@@ -96,6 +138,8 @@ def reward_pairs(
             sum(p["chosen_score"] - p["rejected_score"] for p in pairs) / len(pairs) if pairs else None
         ),
     }
+    if length is not None:
+        report["length_control"] = {"rho": length.rho}
     return pairs, report
 
 
@@ -124,6 +168,7 @@ def demonstration_pairs(candidates: list[CandidateRecord]) -> tuple[list[dict[st
                 rejected=_messages("assistant", s.text),
                 chosen_id=t.id,
                 rejected_id=s.id,
+                kind="demonstration",
             ).model_dump(mode="json")
         )
     report = {
@@ -135,33 +180,62 @@ def demonstration_pairs(candidates: list[CandidateRecord]) -> tuple[list[dict[st
     return pairs, report
 
 
+def mean_lengths(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean characters of the chosen and rejected answers (the last message of each)."""
+
+    def mean(side: str) -> float | None:
+        sizes = [len(r[side][-1]["content"]) for r in rows]
+        return round(sum(sizes) / len(sizes), 1) if sizes else None
+
+    return {"chosen": mean("chosen"), "rejected": mean("rejected")}
+
+
+def length_control_of(config: Any) -> LengthControl | None:
+    pairs = config.pairs
+    return LengthControl(pairs.length_rho) if pairs.length_control else None
+
+
+def scored_pairs(ctx: StageContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pair builder of the scored methods: reward_pairs over the iteration's files."""
+    candidates = read_records(ctx.file("candidates"), CandidateRecord)
+    judgments = read_records(ctx.file("judgments"), JudgmentRecord)
+    return reward_pairs(candidates, judgments, ctx.config.pairs.min_margin, length_control_of(ctx.config))
+
+
+def demonstration_pairs_of(ctx: StageContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pair builder of teacher demonstrations."""
+    return demonstration_pairs(read_records(ctx.file("candidates"), CandidateRecord))
+
+
 class PairsResult(StageResult):
     pairs: int
     dropped: dict[str, int] = Field(default_factory=dict)
     tie_rate: float | None = None
     parse_failure_rate: float | None = None
+    pairs_by_kind: dict[str, int] = Field(default_factory=dict)
 
     def summary(self) -> str:
+        kinds = ""
+        if len(self.pairs_by_kind) > 1:
+            kinds = " (" + ", ".join(f"{k}={v}" for k, v in self.pairs_by_kind.items()) + ")"
         return (
-            f"pairs={self.pairs} tie_rate={self.tie_rate or 0.0:.3g} "
+            f"pairs={self.pairs}{kinds} tie_rate={self.tie_rate or 0.0:.3g} "
             f"parse_failure_rate={self.parse_failure_rate or 0.0:.3g}"
         )
 
 
 async def run(ctx: StageContext) -> PairsResult:
-    candidates = read_records(ctx.file("candidates"), CandidateRecord)
-    if ctx.config.variant == "teacher-demo":
-        pairs, report = demonstration_pairs(candidates)
-    else:
-        judgments = read_records(ctx.file("judgments"), JudgmentRecord)
-        pairs, report = reward_pairs(candidates, judgments, ctx.config.pairs.min_margin)
+    from selfreward.methods import method_of
+    from selfreward.methods.method import with_kinds
+
+    pairs, report = method_of(ctx.config).build_pairs(ctx)
     write_jsonl_atomic(ctx.file("pairs"), pairs)
     if not pairs:
         raise EmptyResultError(
             f"iteration {ctx.t}: no preference pair survived ({report}); "
             "with a small judge this usually means every verdict failed to parse or all scores tied"
         )
-    return PairsResult(**report)
+    return PairsResult(**with_kinds(pairs, report), mean_lengths=mean_lengths(pairs))
 
 
 STAGE = Stage(
@@ -170,5 +244,5 @@ STAGE = Stage(
     queue="judge",
     result=PairsResult,
     needs_policy=never,
-    description="chosen/rejected pairs from the judgments (or teacher vs student)",
+    description="chosen/rejected pairs by the run's method (scored, demonstrations, judge pairs)",
 )

@@ -5,9 +5,10 @@ Iteration 0 is the set-up: prepare (base model + seed data), sft (M1), publish (
 Iteration t >= 1 uses M(t) and produces M(t+1):
 prompts -> candidates -> judgments -> pairs -> train -> publish -> evaluate.
 
-`pending(layout, t)` is the one answer to "what is left": the stages of iteration t without a
-manifest, in order. Both drivers iterate it (the embedded one in this process, the RQ one as a
-chain of jobs); a new stage is one module plus its line in `SETUP` or `ITERATION`.
+The run's method (selfreward.methods) names the stages of its iterations (meta-reward adds
+`meta_judgments`); `pending(layout, t, method)` is the one answer to "what is left": the stages
+of iteration t without a manifest, in order. Both drivers iterate it (the embedded one in this
+process, the RQ one as a chain of jobs); a new stage is one module plus its line in `STAGES`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from selfreward.stages import (
     candidates,
     evaluate,
     judgments,
+    meta_judgments,
     pairs,
     prepare,
     prompts,
@@ -36,18 +38,26 @@ ITERATION: tuple[Stage, ...] = (
     publish.STAGE,
     evaluate.STAGE,
 )
-BY_NAME: dict[str, Stage] = {s.name: s for s in (*SETUP, *ITERATION)}
+# every stage a method may name, by name
+BY_NAME: dict[str, Stage] = {s.name: s for s in (*SETUP, *ITERATION, meta_judgments.STAGE)}
 
 
-def stages_of(t: int) -> tuple[Stage, ...]:
-    return SETUP if t == 0 else ITERATION
+def stages_of(t: int, method: str | None = None) -> tuple[Stage, ...]:
+    """The stages of iteration t of a run of `method` (default: self-reward's)."""
+    if t == 0:
+        return SETUP
+    if method is None:
+        return ITERATION
+    from selfreward.methods import method_named
+
+    return tuple(BY_NAME[name] for name in method_named(method).stages)
 
 
-def stage_named(name: str, t: int | None = None) -> Stage:
+def stage_named(name: str, t: int | None = None, method: str | None = None) -> Stage:
     """The stage called `name` (of iteration t, when given); unknown names list the known ones."""
     from selfreward.errors import StageError
 
-    known = stages_of(t) if t is not None else tuple(BY_NAME.values())
+    known = stages_of(t, method) if t is not None else tuple(BY_NAME.values())
     for s in known:
         if s.name == name:
             return s
@@ -60,31 +70,34 @@ def is_done(layout: RunLayout, t: int, stage: Stage | str) -> bool:
     return layout.stage_manifest(t, name).is_file()
 
 
-def pending(layout: RunLayout, t: int) -> list[Stage]:
+def pending(layout: RunLayout, t: int, method: str | None = None) -> list[Stage]:
     """The stages of iteration t still to run, in order."""
-    return [s for s in stages_of(t) if not is_done(layout, t, s)]
+    return [s for s in stages_of(t, method) if not is_done(layout, t, s)]
 
 
-def iteration_done(layout: RunLayout, t: int) -> bool:
-    return not pending(layout, t)
+def iteration_done(layout: RunLayout, t: int, method: str | None = None) -> bool:
+    return not pending(layout, t, method)
 
 
-def completed_iterations(layout: RunLayout) -> int:
+def completed_iterations(layout: RunLayout, method: str | None = None) -> int:
     """The highest t whose iterations 0..t are all done, or -1."""
     t = -1
-    while iteration_done(layout, t + 1):
+    while iteration_done(layout, t + 1, method):
         t += 1
     return t
 
 
 def served_name(layout: RunLayout, t: int) -> str:
     """The name the policy serves M(t) under (from the stage that made it current)."""
-    if t == 0:
-        result = prepare.STAGE.read_result(layout, 0)
-        name = getattr(result, "base_served_name", None)
-    else:
-        result = publish.STAGE.read_result(layout, t - 1)
-        name = getattr(result, "served_name", None)
+    from selfreward.errors import InputError
+
+    try:
+        if t == 0:
+            name = getattr(prepare.STAGE.read_result(layout, 0), "base_served_name", None)
+        else:
+            name = getattr(publish.STAGE.read_result(layout, t - 1), "served_name", None)
+    except InputError as exc:
+        raise LookupError(f"M{t} of run {layout.run!r}: {exc}") from None
     if name is None:
         raise LookupError(f"M{t} is not published yet in run {layout.run!r}")
     return str(name)

@@ -94,8 +94,16 @@ class Stage:
     description: str = ""
 
     def result_of(self, manifest: dict[str, Any]) -> StageResult:
-        """The typed result held by one of this stage's manifests."""
-        return self.result.model_validate({k: v for k, v in manifest.items() if k not in ENVELOPE})
+        """The typed result held by one of this stage's manifests (InputError when it holds none)."""
+        from pydantic import ValidationError
+
+        from selfreward.errors import InputError
+
+        try:
+            return self.result.model_validate({k: v for k, v in manifest.items() if k not in ENVELOPE})
+        except ValidationError as err:
+            fields = ", ".join(".".join(map(str, e["loc"])) for e in err.errors())
+            raise InputError(f"a manifest of stage {self.name!r} lacks or has bad fields: {fields}") from None
 
     def read_result(self, layout: RunLayout, t: int) -> StageResult | None:
         """The typed result of this stage of iteration t, or None when it has not run."""

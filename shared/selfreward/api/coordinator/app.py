@@ -285,7 +285,12 @@ def create_app(
                         f"iteration {t} of run {run_id!r} is {st.status}; "
                         f"resume it with POST /runs/{run_id}/iterations/{t}/resume"
                     )
-            t = max(1, plan.completed_iterations(layout) + 1)
+            t = max(1, plan.completed_iterations(layout, _config.variant) + 1)
+            from selfreward.evaluation.judge_health import collapse_stop
+
+            stop = collapse_stop(layout, t - 1, _config)
+            if stop is not None:
+                raise Conflict(stop)
             state = enqueue_iteration(conn, store, run_id, t)
         iterations_started.inc()
         return IterationStarted(
@@ -304,11 +309,11 @@ def create_app(
     )
     def resume_iteration(run_id: str, t: int) -> IterationStarted:
         """Re-enqueue a failed or cancelled iteration from its first unfinished stage."""
-        layout_of(run_id)
+        config, layout = layout_of(run_id)
         st = store.iteration(run_id, t)
         if st is None:
             raise HTTPException(404, f"iteration {t} of run {run_id!r} was never started")
-        if plan.iteration_done(layout_of(run_id)[1], t):
+        if plan.iteration_done(layout, t, config.variant):
             raise Conflict(f"iteration {t} of run {run_id!r} is done")
         if run_status.chain_status(store, conn, run_id, t)[0] in ("queued", "running"):
             raise Conflict(f"iteration {t} of run {run_id!r} is still running")

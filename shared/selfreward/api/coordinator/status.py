@@ -49,7 +49,7 @@ def stage_states(
     store: RunStore, conn: redis.Redis, run_id: str, layout: RunLayout, t: int
 ) -> list[dict[str, Any]]:
     out = []
-    for s in plan.stages_of(t):
+    for s in plan.stages_of(t, store.config(run_id).variant):
         stage = s.name
         entry: dict[str, Any] = {"stage": stage, "queue": s.queue, "state": "pending"}
         manifest = read_manifest(layout.stage_manifest(t, stage))
@@ -144,6 +144,14 @@ def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) ->
         detail["metrics"] = evaluation.get(
             "metrics", {k: v for k, v in evaluation.items() if k not in _BULKY}
         )
+        if detail["metrics"].get("judge_collapsed"):
+            from selfreward.evaluation.judge_health import collapse_message, judge_health
+
+            health = judge_health(layout, t, config.eval.collapse_threshold)
+            detail["judge_collapse"] = True
+            detail["warnings"] = [
+                collapse_message(t, health) if health else f"judge collapse in iteration {t}"
+            ]
     return detail
 
 
@@ -153,7 +161,7 @@ def run_summary(store: RunStore, conn: redis.Redis, run_id: str, brief: bool = F
     layout = RunLayout(config.artifact_root, run_id)
     iterations = []
     for t in sorted(set(store.iterations(run_id)) | {0}):
-        done = plan.iteration_done(layout, t)
+        done = plan.iteration_done(layout, t, config.variant)
         status = "done" if done else chain_status(store, conn, run_id, t if t > 0 else 1)[0]
         iterations.append({"t": t, "status": status})
     summary: dict[str, Any] = {
@@ -162,14 +170,14 @@ def run_summary(store: RunStore, conn: redis.Redis, run_id: str, brief: bool = F
         "base_model": config.model.base,
         "created_at": meta["created_at"],
         "cancelled": meta["cancelled"],
-        "completed_iterations": max(0, plan.completed_iterations(layout)),
+        "completed_iterations": max(0, plan.completed_iterations(layout, config.variant)),
         "iterations": iterations,
         "artifacts": str(layout.run_dir),
     }
     if not brief:
         summary["config"] = config.model_dump(mode="json")
         models = []
-        for t in range(0, plan.completed_iterations(layout) + 2):
+        for t in range(0, plan.completed_iterations(layout, config.variant) + 2):
             try:
                 models.append({"model": plan.model_name(t), "served_name": plan.served_name(layout, t)})
             except LookupError:

@@ -18,7 +18,7 @@ environment):
 - **Endpoints**: `teacher.gemini_base_url` only from `SELFREWARD_ALLOWED_GEMINI_BASE_URLS`
   (default none: Google's endpoint).
 - **Paths** (`model.base` when it names a file or folder, `model.chat_template`, `data.source`,
-  `prompts.file`, `judge.template`, `judge.compare_template`, `eval.prompts`,
+  `prompts.file`, `judge.template`, `judge.compare_template`, `meta.template`, `eval.prompts`,
   `training.accelerate_config`): absolute, and inside the artifact root or a folder of
   `SELFREWARD_ALLOWED_PATHS` (`:`-separated, e.g. the mounted `/etc/selfreward/configs`); built-in names
   (`builtin:<template>`, `demo`, `hf:<repo>`, `ift-eval`, shipped accelerate configs, hub ids,
@@ -209,6 +209,8 @@ class Deployment:
             spec = getattr(config.judge, name)
             if not spec.startswith("builtin:"):
                 out.append((("judge", name), spec))
+        if not config.meta.template.startswith("builtin:"):
+            out.append((("meta", "template"), config.meta.template))
         prompts = config.eval.prompts
         if prompts != "ift-eval":
             out.append((("eval", "prompts"), prompts.split(":", 1)[1] if ":" in prompts else prompts))

@@ -39,8 +39,10 @@ class JudgeSettings:
         path = env.get("SELFREWARD_CONFIG")
         config = load_config(Path(path), env) if path else build_config({}, env, source="environment")
         default = env.get("SELFREWARD_DEFAULT_JUDGE") or None
-        if default is None and (config.variant != "self-reward" or env.get("SELFREWARD_SELF_MODEL")):
-            default = config.feedback_judge()
+        if default is None:
+            spec = config.feedback_judge() or config.teacher.backend
+            if spec != "policy:self" or env.get("SELFREWARD_SELF_MODEL"):
+                default = spec
         return cls(
             config=config,
             redis_url=env.get("REDIS_URL") or None,

@@ -1,0 +1,234 @@
+"""Feedback methods as plug-ins: the registry, the old variants' pairs unchanged, length control,
+and the rules of Meta-Rewarding (meta-judge parsing, battles, Elo, judge-pair filters, mixing),
+each on hand-built inputs with hand-computed expectations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfreward.config import RunConfig
+from selfreward.errors import ConfigError
+from selfreward.judging.meta import Battle, MetaVerdict, elo, outcome_of, parse_meta_winner, strip_scores
+from selfreward.methods import METHODS, method_named
+from selfreward.methods.meta_reward import judge_pairs, mix
+from selfreward.methods.method import with_kinds
+from selfreward.schemas import CandidateRecord, JudgmentRecord, Verdict, candidate_id, read_records
+from selfreward.stages.meta_judgments import pick_candidates
+from selfreward.stages.pairs import LengthControl, demonstration_pairs, mean_lengths, reward_pairs
+
+GOLDEN = Path(__file__).parent / "data" / "pairs-golden"
+
+
+def test_the_registry_names_every_method_and_refuses_unknown_ones() -> None:
+    assert list(METHODS) == ["self-reward", "teacher-reward", "teacher-demo", "meta-reward"]
+    for m in METHODS.values():
+        assert m.summary and m.paper and m.stages[0] == "prompts" and m.stages[-1] == "evaluate"
+    assert "meta_judgments" in METHODS["meta-reward"].stages
+    with pytest.raises(ConfigError, match="unknown method 'spin-x'; methods: self-reward, teacher-reward"):
+        method_named("spin-x")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        RunConfig(variant="nope")
+    with pytest.raises(ValueError, match="teacher.backend is required for variant 'teacher-demo'"):
+        RunConfig(variant="teacher-demo")
+    with pytest.raises(ValueError, match="meta-reward compares K judgments"):
+        RunConfig(variant="meta-reward", judge={"mode": "logprob"})
+    assert RunConfig(variant="teacher-reward", teacher={"backend": "gemini:g"}).feedback_judge() == "gemini:g"
+    assert RunConfig(variant="teacher-demo", teacher={"backend": "gemini:g"}).feedback_judge() is None
+
+
+# ---------------------------------------------------------------- the old variants, unchanged
+
+
+def without_kind(rows: list[dict[str, Any]]) -> str:
+    return "".join(
+        json.dumps({k: v for k, v in r.items() if k != "kind"}, ensure_ascii=False, sort_keys=True) + "\n"
+        for r in rows
+    )
+
+
+def test_the_three_old_variants_build_the_same_pairs_as_before() -> None:
+    """tests/data/pairs-golden holds what the builders wrote before methods were plug-ins (commit
+    d39d70f): the same bytes but for the new `kind` of each row."""
+    candidates = read_records(GOLDEN / "candidates.jsonl", CandidateRecord)
+    judgments = read_records(GOLDEN / "judgments.jsonl", JudgmentRecord)
+    built = {
+        "reward": reward_pairs(candidates, judgments, 0.0),
+        "reward-margin1": reward_pairs(candidates, judgments, 1.0),
+        "demo": demonstration_pairs(candidates),
+    }
+    for name, (rows, report) in built.items():
+        assert without_kind(rows) == (GOLDEN / f"{name}.pairs.jsonl").read_text(), name
+        assert report == json.loads((GOLDEN / f"{name}.report.json").read_text()), name
+        assert {r["kind"] for r in rows} == {"demonstration" if name == "demo" else "actor"}
+    rows, report = built["reward"]
+    full = with_kinds(rows, report)
+    assert full["pairs_by_kind"] == {"actor": 11} and full["dropped_by_reason"] == {"tie": 1}
+
+
+# ---------------------------------------------------------------- length control
+
+
+def cands(*texts_scores: tuple[str, float]) -> tuple[list[CandidateRecord], list[JudgmentRecord]]:
+    c, j = [], []
+    for i, (text, score) in enumerate(texts_scores):
+        cid = candidate_id("p", i)
+        c.append(CandidateRecord(id=cid, prompt_id="p", prompt="Q?", index=i, text=text, model="m"))
+        j.append(
+            JudgmentRecord(
+                id=cid, prompt_id="p", index=i, judge="j", template_sha256="t", mode="sample",
+                verdicts=[Verdict(text=f"Score: {score}", score=score)], score=score,
+            )
+        )  # fmt: skip
+    return c, j
+
+
+def pick(rows: list[dict[str, Any]]) -> tuple[str | None, str | None]:
+    if not rows:
+        return None, None
+    return rows[0]["chosen"][0]["content"], rows[0]["rejected"][0]["content"]
+
+
+def test_length_control_takes_the_shortest_top_and_the_longest_bottom() -> None:
+    # scores 5, 4.5, 4, 2, 1: S_max 5, S_min 1
+    c, j = cands(
+        ("long best answer!!", 5), ("mid", 4.5), ("four point zero", 4), ("bad and very long", 2), ("b", 1)
+    )
+    assert pick(reward_pairs(c, j, 0.0)[0]) == ("long best answer!!", "b")  # no control: best vs worst
+    # rho 0.2: top band [4.2, 5] = {5, 4.5} -> shortest "mid"; bottom band [1, 1.8] = {1} -> "b"
+    assert pick(reward_pairs(c, j, 0.0, LengthControl(0.2))[0]) == ("mid", "b")
+    # rho 0.3: top band [3.8, 5] adds 4.0; bottom band [1, 2.2] = {2, 1} -> longest "bad and very long"
+    rows, report = reward_pairs(c, j, 0.0, LengthControl(0.3))
+    assert pick(rows) == ("mid", "bad and very long") and report["length_control"] == {"rho": 0.3}
+    # rho 0: equal top scores -> the shorter; equal bottom scores -> the longer
+    c, j = cands(("a long top", 5), ("top", 5), ("x", 1), ("xxxx", 1))
+    assert pick(reward_pairs(c, j, 0.0, LengthControl(0.0))[0]) == ("top", "xxxx")
+    # rho 1: both bands hold every answer; the shortest scores below the longest: dropped, counted
+    c, j = cands(("aaa", 3), ("b", 2))
+    rows, report = reward_pairs(c, j, 0.0, LengthControl(1.0))
+    assert rows == [] and report["dropped"] == {"inverted": 1}
+    c, j = cands(("a", 3), ("bb", 2))
+    assert pick(reward_pairs(c, j, 0.0, LengthControl(1.0))[0]) == ("a", "bb")
+    assert mean_lengths(reward_pairs(*cands(("12345", 5), ("1", 1)), 0.0)[0]) == {
+        "chosen": 5.0,
+        "rejected": 1.0,
+    }
+
+
+# ---------------------------------------------------------------- the meta-judge
+
+
+def test_meta_judge_labels_scores_and_outcomes() -> None:
+    assert parse_meta_winner("A is better.\nWinner: Judgement B") == ("B", None)
+    assert parse_meta_winner("winner: [judgment a]") == ("A", None)
+    assert parse_meta_winner("Winner: Judgement A ... no wait. Winner: Judgement B")[0] == "B"  # the last
+    assert parse_meta_winner("Judgement B is better")[0] is None
+    assert strip_scores("Relevant and complete.\nScore: 4") == "Relevant and complete."
+    v = {x: MetaVerdict(text="", winner=x) for x in ("A", "B")}
+    fail = MetaVerdict(text="?", failure="unparseable: no label")
+    assert outcome_of(v["A"], v["B"]) == "a"  # a won shown first and shown second
+    assert outcome_of(v["B"], v["A"]) == "b"
+    assert outcome_of(v["A"], v["A"]) == "tie"  # the first shown always wins: position bias
+    assert outcome_of(v["A"], fail) == "failed"
+
+
+def battle(a: int, b: int, outcome: str) -> Battle:
+    empty = MetaVerdict(text="")
+    return Battle(a=a, b=b, ab=empty, ba=empty, outcome=outcome)  # type: ignore[arg-type]
+
+
+def test_elo_is_the_bradley_terry_fit_of_the_battles() -> None:
+    # 0 beats 1 and 2, 1 beats 2: the order 0 > 1 > 2, symmetric around 1000
+    scores = elo(3, [battle(0, 1, "a"), battle(0, 2, "a"), battle(1, 2, "a")])
+    assert scores[0] > scores[1] > scores[2] and math.isclose(sum(scores) / 3, 1000, abs_tol=1e-3)
+    assert math.isclose(scores[1], 1000, abs_tol=1e-3)
+    # ties and failures: no order
+    assert len(set(elo(2, [battle(0, 1, "tie")]))) == 1 and len(set(elo(2, [battle(0, 1, "failed")]))) == 1
+    # two wins out of three: odds 2, 400 log10(2) ~ 120 points apart before the small L2 pull
+    two_of_three = elo(2, [battle(0, 1, "a"), battle(0, 1, "a"), battle(0, 1, "b")])
+    assert 100 < two_of_three[0] - two_of_three[1] < 121
+
+
+def test_the_most_disputed_candidate_of_each_prompt_is_meta_judged() -> None:
+    def rec(pid: str, i: int, scores: list[float | None]) -> JudgmentRecord:
+        verdicts = [
+            Verdict(text=f"v{k}", score=s, failure=None if s is not None else "unparseable: x")
+            for k, s in enumerate(scores)
+        ]
+        return JudgmentRecord(
+            id=candidate_id(pid, i), prompt_id=pid, index=i, judge="j", template_sha256="t", mode="sample",
+            verdicts=verdicts, score=None,
+        )  # fmt: skip
+
+    picked = pick_candidates(
+        [
+            rec("p", 0, [3, 3, 3]),  # no variance
+            rec("p", 1, [1, 5, 3]),  # variance 8/3
+            rec("p", 2, [5, 1, 3]),  # the same variance, a later index
+            rec("q", 0, [4, None, None]),  # one parsed score
+            rec("r", 0, [2, 4, None]),
+        ]
+    )
+    assert [r.id for r in picked] == ["p:1", "r:0"]
+
+
+def meta_record(
+    pid: str, scores: list[float], elos: list[float], texts: list[str] | None = None
+) -> dict[str, Any]:
+    texts = texts or [f"judgment {i} of {pid}" for i in range(len(scores))]
+    return {
+        "id": candidate_id(pid, 0),
+        "prompt_id": pid,
+        "judgments": [
+            {"verdict": i, "text": t, "score": s} for i, (t, s) in enumerate(zip(texts, scores, strict=True))
+        ],
+        "elo": elos,
+    }
+
+
+def test_judge_pairs_filters_and_the_score_share_rule() -> None:
+    records = [
+        meta_record("a", [4, 2, 3], [1100, 900, 1000]),  # kept: chosen 4, rejected 2
+        meta_record("b", [3, 3], [1050, 950]),  # same score
+        meta_record("c", [5, 1], [1000, 1000]),  # equal Elo
+        meta_record("d", [4, 1], [1200, 800], texts=["x" * 2000, "short"]),  # chosen judgment too long
+    ] + [meta_record(f"e{i}", [4, 2], [1100, 900]) for i in range(6)]  # chosen score 4 again and again
+    cands = {
+        r["id"]: CandidateRecord(
+            id=r["id"], prompt_id=r["prompt_id"], prompt=f"Q {r['prompt_id']}?", index=0, text="A.", model="m"
+        )
+        for r in records
+    }
+    pairs, report = judge_pairs(
+        records,
+        cands,
+        lambda q, r: f"judge this: {q} / {r}",
+        max_judgment_chars=1100,
+        max_score_share=0.4,
+        seed=1,
+    )
+    # score 4 is the chosen score of 7 kept pairs; counts start at 1 for each of the 6 scores: the
+    # 1st is taken (1/6), 2nd (2/7), 3rd (3/8), 4th (4/9 >= 0.4: no, 4/9 = 0.44) -> 3 taken
+    assert len(pairs) == 3 and report["dropped"] == {
+        "equal_elo": 1, "judgment_too_long": 1, "same_score": 1, "score_share": 4,
+    }  # fmt: skip
+    p = pairs[0]
+    assert p["kind"] == "judge" and p["prompt"][0]["content"].startswith("judge this: Q ")
+    assert p["chosen_score"] == 4 and p["rejected_score"] == 2 and p["chosen_elo"] > p["rejected_elo"]
+    assert p["chosen_id"].endswith("#v0") and p["rejected_id"].endswith("#v1")
+
+
+def test_mixing_keeps_judge_pairs_to_their_fraction() -> None:
+    actor = [{"prompt_id": f"a{i:02d}", "kind": "actor"} for i in range(18)]
+    judge = [{"prompt_id": f"j{i:02d}", "kind": "judge"} for i in range(10)]
+    mixed, left = mix(actor, judge, 0.1, seed=7)  # 0.1 / 0.9 * 18 = 2 judge pairs
+    kinds = [p["kind"] for p in mixed]
+    assert kinds.count("judge") == 2 and kinds.count("actor") == 18 and left == 8
+    assert mixed == sorted(mixed, key=lambda p: (p["prompt_id"], p["kind"]))
+    assert mix(actor, judge, 0.1, seed=7)[0] == mixed  # seeded: the same choice
+    assert mix(actor, judge, 0.0, seed=7) == (actor, 10)
+    assert [p["kind"] for p in mix(actor[:4], judge, 0.5, seed=7)[0]].count("judge") == 4  # at most half
