@@ -46,6 +46,44 @@ def test_score_shares_entropy_and_the_collapse_flag(tmp_path: Path) -> None:
     assert judge_health(layout, 3, threshold=0.9)["collapsed"] is True  # nothing scored at all
 
 
+def test_trends_show_the_judge_and_the_answer_lengths() -> None:
+    """Across iterations: the judge's rates on the rate axis, the chosen and rejected lengths on their
+    own, and one summary row per model with its top-score share, parse failures and lengths."""
+    from selfreward.reports.plots import metric_trends
+    from selfreward.reports.run_report import _summary_rows
+    from selfreward.reports.trends import length_series, trend_series
+
+    health = [
+        {"top_share": 0.5, "entropy_bits": 2.585, "parse_failure_rate": 0.1, "chosen_length": 100.0,
+         "rejected_length": 250.4, "collapsed": False},
+        {"top_share": 0.95, "entropy_bits": 0.2585, "parse_failure_rate": 0.0, "chosen_length": 80.0,
+         "rejected_length": None, "collapsed": True},
+    ]  # fmt: skip
+    reports = [{"iteration": t, "model": f"m{t + 1}", "judge_health": h} for t, h in enumerate(health, 1)]
+    reports.insert(0, {"iteration": 0, "model": "m1"})  # measured nothing about the judge
+    labels, series = trend_series(reports)
+    assert labels == ["m1", "m2", "m3"]
+    assert series["judge: share of its top score"] == [None, 0.5, 0.95]
+    assert [None if v is None else round(v, 3) for v in series["judge: score entropy / log2(6)"]] == [
+        None, 1.0, 0.1,
+    ]  # fmt: skip
+    assert series["judge: parse-failure rate"] == [None, 0.1, 0.0]
+    assert "win rate vs baseline" not in series  # never measured: no line
+    assert length_series(reports) == {
+        "chosen answers": [None, 100.0, 80.0],
+        "rejected answers": [None, 250.4, None],
+    }
+    rows = _summary_rows(reports)
+    assert [r[-3:] for r in rows] == [
+        ["-", "-", "-"], ["50.0%", "10.0%", "100 / 250"], ["95.0% (collapsed)", "0.0%", "80 / -"],
+    ]  # fmt: skip
+    one = metric_trends(labels, series)
+    two = metric_trends(labels, series, lengths=length_series(reports))
+    assert one[:8] == two[:8] == b"\x89PNG\r\n\x1a\n"
+    height = lambda png: int.from_bytes(png[20:24], "big")  # noqa: E731  (the IHDR height)
+    assert height(two) > height(one)
+
+
 def collapsed_run(tmp_path: Path, **eval_: object) -> tuple[RunConfig, RunLayout]:
     config = RunConfig(name="c", artifact_root=tmp_path / "art", iterations=2, eval=eval_)
     layout = RunLayout(config.artifact_root, "c")

@@ -34,7 +34,7 @@ from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
 from selfreward.reports.markdown import iteration_markdown
 from selfreward.reports.plots import metric_trends, win_tie_loss_bars
-from selfreward.reports.trends import eval_dir, iteration_reports, trend_series
+from selfreward.reports.trends import eval_dir, iteration_reports, length_series, trend_series
 from selfreward.schemas import EFTEvalRecord, read_records
 from selfreward.storage import RunLayout
 
@@ -165,6 +165,7 @@ async def evaluate_iteration(
     previous = [r for r in iteration_reports(layout) if r.get("iteration") != t]
     labels, series = trend_series([*previous, data])
     if series:
-        plots["trends.png"] = metric_trends(labels, series, f"Run {layout.run}: metrics by model")
+        lengths = length_series([*previous, data])
+        plots["trends.png"] = metric_trends(labels, series, f"Run {layout.run}: metrics by model", lengths)
     write_report(out, data, iteration_markdown({**data, "plots": sorted(plots)}), plots)
     return data

@@ -79,21 +79,34 @@ def win_tie_loss_bars(results: Sequence[Mapping[str, Any]], title: str = "Head-t
 
 
 def metric_trends(
-    labels: Sequence[str], series: Mapping[str, Sequence[float | None]], title: str = "Metrics by model"
+    labels: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    title: str = "Metrics by model",
+    lengths: Mapping[str, Sequence[float | None]] | None = None,
 ) -> bytes:
-    """Lines of each metric across models M1, M2, ... (None = not measured: a gap)."""
-    fig = _figure()
-    ax = fig.add_subplot()
+    """Lines of each metric across models M1, M2, ... (None = not measured: a gap); with `lengths`,
+    a second panel of mean answer lengths in characters."""
+    fig = _figure(height=6.0) if lengths else _figure()
+    axes = fig.subplots(2, 1, sharex=True) if lengths else [fig.add_subplot()]
+    ax = axes[0]
     x = np.arange(len(labels))
     for name, values in series.items():
         y = np.array([np.nan if v is None else v for v in values], dtype=float)
         ax.plot(x, y, marker="o", label=name)
-    ax.set_xticks(x, list(labels))
     finite = [v for values in series.values() for v in values if v is not None]
     ax.set_ylim(-1.05 if any(v < 0 for v in finite) else -0.02, 1.05)
-    ax.set_xlabel("model")
     ax.set_title(title)
     if series:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+    if lengths:
+        lx = axes[1]
+        for name, values in lengths.items():
+            y = np.array([np.nan if v is None else v for v in values], dtype=float)
+            lx.plot(x, y, marker="s", label=name)
+        lx.set_ylabel("mean characters")
+        lx.legend(fontsize="small")
+        lx.grid(alpha=0.3)
+    axes[-1].set_xticks(x, list(labels))
+    axes[-1].set_xlabel("model")
     return _png(fig)

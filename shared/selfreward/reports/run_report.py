@@ -24,7 +24,7 @@ import yaml
 from selfreward.errors import InputError
 from selfreward.reports.markdown import interval, num, pct
 from selfreward.reports.plots import metric_trends, score_histograms
-from selfreward.reports.trends import eval_dir, iteration_reports, trend_series
+from selfreward.reports.trends import eval_dir, iteration_reports, length_series, trend_series
 from selfreward.storage import RunLayout, atomic_write_text, read_jsonl, read_manifest
 
 CSS = """
@@ -121,6 +121,8 @@ def _summary_rows(reports: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
         h = r.get("head2head") or {}
         rm = r.get("reward_model") or {}
         iv = h.get("intervals") or {}
+        jh = r.get("judge_health") or {}
+        lengths = (jh.get("chosen_length"), jh.get("rejected_length"))
         rows.append(
             [
                 r.get("iteration"),
@@ -132,6 +134,9 @@ def _summary_rows(reports: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
                 pct(rm.get("exact_match")) if rm else "-",
                 num(rm.get("spearman")) if rm else "-",
                 pct(rm.get("parse_failure_rate")) if rm else "-",
+                (pct(jh.get("top_share")) + (" (collapsed)" if jh.get("collapsed") else "")) if jh else "-",
+                pct(jh.get("parse_failure_rate")) if jh else "-",
+                " / ".join("-" if v is None else f"{v:.0f}" for v in lengths) if jh else "-",
             ]
         )
     return rows
@@ -218,7 +223,8 @@ def build_run_report(layout: RunLayout, out_path: Path | None = None) -> Path:
     if reports:
         labels, series = trend_series(reports)
         if series:
-            parts.append(_img(metric_trends(labels, series, f"Run {layout.run}: metrics by model"), "trends"))
+            title = f"Run {layout.run}: metrics by model"
+            parts.append(_img(metric_trends(labels, series, title, length_series(reports)), "trends"))
         parts.append(
             _table(
                 [
@@ -231,6 +237,9 @@ def build_run_report(layout: RunLayout, out_path: Path | None = None) -> Path:
                     "RM exact match",
                     "RM Spearman",
                     "RM parse failures",
+                    "judge top-score share",
+                    "judge parse failures",
+                    "chosen / rejected chars",
                 ],
                 _summary_rows(reports),
             )

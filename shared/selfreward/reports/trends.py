@@ -18,6 +18,11 @@ TREND_METRICS = {
     "judge: score entropy / log2(6)": ("judge_health", "entropy_norm"),
     "judge: parse-failure rate": ("judge_health", "parse_failure_rate"),
 }
+# mean characters of the answers the pairs stage chose and rejected (their own axis: not rates)
+LENGTH_METRICS = {
+    "chosen answers": ("judge_health", "chosen_length"),
+    "rejected answers": ("judge_health", "rejected_length"),
+}
 
 
 def eval_dir(layout: RunLayout, t: int) -> Path:
@@ -39,6 +44,7 @@ def iteration_reports(layout: RunLayout) -> list[dict[str, Any]]:
 
 
 def trend_series(reports: list[dict[str, Any]]) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The model labels and, per rate of TREND_METRICS measured at least once, its values."""
     labels = [str(r.get("model")) for r in reports]
     series: dict[str, list[float | None]] = {}
     for name, (section, key) in TREND_METRICS.items():
@@ -52,3 +58,13 @@ def trend_series(reports: list[dict[str, Any]]) -> tuple[list[str], dict[str, li
         if any(v is not None for v in values):
             series[name] = values
     return labels, series
+
+
+def length_series(reports: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per LENGTH_METRICS series measured at least once, its mean characters by model."""
+    series: dict[str, list[float | None]] = {}
+    for name, (section, key) in LENGTH_METRICS.items():
+        values = [(r.get(section) or {}).get(key) for r in reports]
+        if any(v is not None for v in values):
+            series[name] = values
+    return series
