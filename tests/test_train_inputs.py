@@ -69,6 +69,39 @@ def test_pairs_counted_skips_and_kept_examples(tmp_path: Path, cfg) -> None:
     assert data.summary()["skipped"] == {"chosen_equals_rejected": 1, "prompt_too_long": 1}
 
 
+def test_pairs_are_counted_per_kind_and_a_lost_kind_is_warned(
+    tmp_path: Path, cfg, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Meta-reward's judge pairs carry the long judge prompt: if none fits max_length, say so."""
+    from selfreward.stages.sft import TrainResult
+
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            pair(0, kind="actor"),
+            pair(1, kind="actor"),
+            pair(2, kind="judge", prompt=long_prompt),
+            pair(3, kind="judge", prompt=long_prompt),
+            pair(4),  # no kind: a pairs file of round 1
+        ],
+    )
+    with caplog.at_level("WARNING"):
+        _, data = runner.prepare(dpo_request(cfg, pairs=pairs, name="m1"))
+    assert len(data.examples) == 3
+    assert data.lost_kinds() == ["judge"]
+    assert data.summary()["by_kind"] == {
+        "actor": {"read": 2, "examples": 2, "skipped": {}},
+        "judge": {"read": 2, "examples": 0, "skipped": {"prompt_too_long": 2}},
+        "unlabelled": {"read": 1, "examples": 1, "skipped": {}},
+    }
+    assert "none of the 2 'judge' pairs is left" in caplog.text and "dpo.max_length" in caplog.text
+    result = TrainResult.of({"name": "m1", "data": data.summary()})
+    assert result.lost_kinds == ["judge"]
+    assert "actor 2/2" in result.summary() and "judge 0/2" in result.summary()
+    assert "WARNING: no judge pair left" in result.summary()
+
+
 def test_pairs_truncated_completion_is_kept_and_counted(tmp_path: Path, cfg) -> None:
     long_answer = [{"role": "assistant", "content": "answer " * 100}]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair(0, chosen=long_answer), pair(1)])

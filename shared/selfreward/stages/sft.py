@@ -30,6 +30,9 @@ class TrainResult(StageResult):
     precision: str | None = None
     examples: int | None = None
     skipped: dict[str, int] | None = None
+    # DPO: per pair kind, {"read", "examples", "skipped"}; `lost_kinds` read but none left
+    by_kind: dict[str, dict[str, Any]] | None = None
+    lost_kinds: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
@@ -44,12 +47,26 @@ class TrainResult(StageResult):
             precision=training.get("precision"),
             examples=data.get("examples"),
             skipped=data.get("skipped"),
+            by_kind=data.get("by_kind"),
+            lost_kinds=sorted(
+                k for k, v in (data.get("by_kind") or {}).items() if v.get("read") and not v.get("examples")
+            ),
             metrics=manifest.get("metrics", {}),
         )
 
     def summary(self) -> str:
         met = self.metrics
         parts = [f"{self.model} steps={self.steps} examples={self.examples}"]
+        if self.by_kind and len(self.by_kind) > 1:
+            parts.append(
+                "("
+                + ", ".join(f"{k} {v.get('examples')}/{v.get('read')}" for k, v in self.by_kind.items())
+                + ")"
+            )
+        if self.lost_kinds:
+            parts.append(
+                f"WARNING: no {'/'.join(self.lost_kinds)} pair left (skipped, see the model manifest)"
+            )
         if "first_loss" in met and "last_loss" in met:
             parts.append(f"loss {_num(met['first_loss'])}->{_num(met['last_loss'])}")
         if "rewards/margins" in met:

@@ -11,7 +11,10 @@ Rules (docs/training.md):
 - counted skips: a chosen equal to its rejected (`chosen_equals_rejected`), a blank prompt or
   answer (`empty_text`; for EFT records: a blank instruction or judged response), a prompt that leaves no room for a single completion token within
   `max_length` (`prompt_too_long`: TRL would drop it silently, we count it);
-- completions cut by `max_length` are kept and counted as `truncated`.
+- completions cut by `max_length` are kept and counted as `truncated`;
+- DPO pairs are also counted per `kind` (read, kept, skipped by reason), and a kind of which no
+  example is left (a method's judge pairs all longer than `dpo.max_length`, say) is a warning in
+  the log and the stage summary, not a silent loss.
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ class TrainingData:
     truncated: int = 0
     tokens: int = 0  # tokens of the kept examples after truncation (prompt + completion(s))
     per_file: dict[str, int] = field(default_factory=dict)  # examples kept per input file
+    # DPO: per pair kind (PairRecord.kind: actor, judge, demonstration, ...), read/kept/skipped
+    read_by_kind: Counter[str] = field(default_factory=Counter)
+    examples_by_kind: Counter[str] = field(default_factory=Counter)
+    skipped_by_kind: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, kind: str | None = None) -> None:
+        self.skipped[reason] += 1
+        if kind is not None:
+            self.skipped_by_kind.setdefault(kind, Counter())[reason] += 1
+
+    def lost_kinds(self) -> list[str]:
+        """Kinds of pairs that were read but of which no example is left (e.g. all too long)."""
+        return sorted(k for k, n in self.read_by_kind.items() if n and not self.examples_by_kind[k])
 
     @property
     def sha256(self) -> str:
@@ -56,6 +72,20 @@ class TrainingData:
             "skipped": dict(sorted(self.skipped.items())),
             "truncated": self.truncated,
             "tokens": self.tokens,
+            **(
+                {
+                    "by_kind": {
+                        kind: {
+                            "read": self.read_by_kind[kind],
+                            "examples": self.examples_by_kind[kind],
+                            "skipped": dict(sorted(self.skipped_by_kind.get(kind, Counter()).items())),
+                        }
+                        for kind in sorted(self.read_by_kind)
+                    }
+                }
+                if self.read_by_kind
+                else {}
+            ),
         }
 
 
@@ -107,13 +137,13 @@ def load_sft_data(files: list[Path], tokenizer: Any, max_length: int, judge_temp
             record = parse_record(schema, raw, f"{path}:{lineno}")
             data.read += 1
             if not record.prompt.strip() or not record.response.strip():
-                data.skipped["empty_text"] += 1
+                data.skip("empty_text")
                 continue
             messages = eft_messages(record, judge_template) if eft else ift_messages(record)
             prompt, completion = messages[:-1], messages[-1:]
             n_prompt = lengths.prompt(prompt)
             if n_prompt >= max_length:
-                data.skipped["prompt_too_long"] += 1
+                data.skip("prompt_too_long")
                 continue
             n_full = lengths.full(prompt, completion)
             if n_full > max_length:
@@ -135,24 +165,27 @@ def load_dpo_data(pairs: Path, tokenizer: Any, max_length: int) -> TrainingData:
         where = f"{pairs}:{lineno}"
         pair = parse_record(PairRecord, raw, where)
         data.read += 1
+        kind = pair.kind or "unlabelled"
+        data.read_by_kind[kind] += 1
         prompt = [m.model_dump() for m in pair.prompt]
         chosen = [m.model_dump() for m in pair.chosen]
         rejected = [m.model_dump() for m in pair.rejected]
         _check_pair_roles(prompt, chosen, rejected, where)
         if _blank(prompt) or _blank(chosen) or _blank(rejected):
-            data.skipped["empty_text"] += 1
+            data.skip("empty_text", kind)
             continue
         if chosen == rejected:
-            data.skipped["chosen_equals_rejected"] += 1
+            data.skip("chosen_equals_rejected", kind)
             continue
         if lengths.prompt(prompt) >= max_length:
-            data.skipped["prompt_too_long"] += 1
+            data.skip("prompt_too_long", kind)
             continue
         n_chosen, n_rejected = lengths.full(prompt, chosen), lengths.full(prompt, rejected)
         if max(n_chosen, n_rejected) > max_length:
             data.truncated += 1
         data.tokens += min(n_chosen, max_length) + min(n_rejected, max_length)
         data.examples.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        data.examples_by_kind[kind] += 1
     data.per_file[str(pairs)] = len(data.examples)
     _check_not_empty(data, [pairs])
     return data

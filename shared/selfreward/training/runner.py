@@ -59,6 +59,15 @@ def prepare(request: TrainRequest) -> tuple[Any, TrainingData]:
         data = load_dpo_data(request.data[0], tokenizer, section.max_length)
     if data.skipped:
         log.warning("%s: skipped %s of %d records", request.name, dict(data.skipped), data.read)
+    for kind in data.lost_kinds():
+        log.warning(
+            "%s: none of the %d %r pairs is left to train on (skipped: %s); raise %s.max_length if they are too long",
+            request.name,
+            data.read_by_kind[kind],
+            kind,
+            dict(data.skipped_by_kind.get(kind, {})),
+            request.kind,
+        )
     return tokenizer, data
 
 
