@@ -76,6 +76,7 @@ def test_a_posted_run_names_only_what_the_deployment_allows(
         "judge.template": {"judge": {"template": str(secret)}},
         "judge.compare_template": {"judge": {"compare_template": str(shipped / "link.txt")}},
         "eval.prompts": {"eval": {"prompts": f"alpaca_eval:{secret}"}},
+        "eval.judge_bench.0.set": {"eval": {"judge_bench": [{"set": str(secret)}]}},
         "prompts.file": {"prompts": {"source": "file", "file": "relative/prompts.jsonl"}},
         "model.chat_template": {"model": {"chat_template": "/etc/hostname"}},
         "data.source": {"data": {"source": "/etc/passwd"}},
@@ -100,7 +101,7 @@ def test_a_posted_run_names_only_what_the_deployment_allows(
             "name": "fine",
             "artifact_root": "somewhere/else",
             "judge": {"template": str(shipped / "judge.txt")},
-            "eval": {"judge": "policy:m0"},
+            "eval": {"judge": "policy:m0", "judge_bench": [{"set": "hf:allenai/reward-bench:filtered"}]},
             "services": {"policy_url": "http://policy:8000", "judge_url": "http://evil.test:8100"},
         }
         r = api.post("/runs", json=ok, headers=AUTH)

@@ -84,11 +84,38 @@ def test_teacher_reward_with_openai_compatible_teacher(
         policy_server.url,
         variant="teacher-reward",
         teacher={"backend": teacher},
+        eval={"judge_bench": [{"set": str(BENCH), "limit": 10}]},
     )
     run_cli(config, policy_server.url)
     out = check_run(tmp_path / "b", "treward", "teacher-reward")
     judgments = load_jsonl(out["run"] / "iter-1" / "judgments.jsonl")
     assert {j["judge"] for j in judgments} == {teacher}
+    # the judge benchmark: M2 as self-judge, the teacher (kept once per run) and the baselines
+    bench = out["report"]["judge_bench"]["generic"]
+    roles = {j["role"]: j for j in bench["judges"]}
+    assert set(roles) == {"self", "teacher", "length:longer", "length:shorter", "random:7"}
+    assert roles["self"]["judge"].startswith("policy:m2-") and roles["teacher"]["judge"] == teacher
+    assert roles["length:longer"]["metrics"]["accuracy"] == 0.625  # tests/test_judge_bench.py's hand count
+    for role in ("self", "teacher"):
+        m = roles[role]["metrics"]
+        assert m["n"] + m["failures"] == 4
+    run = out["run"]
+    assert (
+        len(load_jsonl(run / "eval" / "judge-bench" / "generic" / "verdicts" / f"{teacher_file(teacher)}"))
+        == 4
+    )
+    assert (run / "eval" / "iter-1" / "judge-bench" / "generic" / "report.md").is_file()
+    assert set(out["report"]["metrics"]["judge_bench_accuracy"]["generic"]) == set(roles)
+    assert "Judge benchmark <code>generic</code>" in (run / "report.html").read_text()
+
+
+BENCH = Path(__file__).parent / "data" / "judge-bench" / "generic.jsonl"
+
+
+def teacher_file(spec: str) -> str:
+    from selfreward.evaluation.answers import safe_name
+
+    return f"{safe_name(spec)}-pointwise.jsonl"
 
 
 TEACHER_ANSWER = "A careful, complete answer written by the teacher."

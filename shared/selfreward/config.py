@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -316,6 +317,28 @@ class ServicesConfig(StrictModel):
     )
 
 
+class JudgeBenchSetConfig(StrictModel):
+    """A human-labelled preference set the evaluate stage measures the iteration's judge on
+    (docs/evaluation.md#judge-benchmark)."""
+
+    set: str = Field(
+        ..., description="a JSON/JSONL file, a folder of them (LLMBar) or hf:<repo>[@<config>][:<split>]"
+    )
+    format: Literal["llmbar", "pandalm", "rewardbench", "mtbench", "generic"] | None = Field(
+        None, description="default: detected from the first record's keys"
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        max_length=MAX_NAME,
+        description="default: from the source",
+    )
+    limit: int | None = Field(
+        100, ge=1, description="a seeded sample of at most this many items per iteration"
+    )
+    mode: Literal["pointwise", "pairwise"] = "pointwise"
+
+
 class EvalConfig(StrictModel):
     prompts: str = Field(
         "ift-eval", description="ift-eval | alpaca_eval:<file> | mt_bench:<file> | <jsonl path>"
@@ -340,6 +363,11 @@ class EvalConfig(StrictModel):
     )
     continue_on_collapse: bool = Field(
         False, description="start the next iteration after a judge collapse (default: stop, flagged)"
+    )
+    judge_bench: list[JudgeBenchSetConfig] = Field(
+        default_factory=list,
+        description="human-labelled preference sets: the iteration's self-judge, the teacher (once per run) "
+        "and the length baseline are measured on each",
     )
 
 
@@ -531,18 +559,33 @@ def reference_markdown() -> str:
         lines.append("| key | type | default | description |")
         lines.append("| --- | --- | --- | --- |")
         nested: list[tuple[str, type[BaseModel]]] = []
+        items: list[tuple[str, type[BaseModel]]] = []  # lists of sections, e.g. eval.judge_bench
         for name, info in model.model_fields.items():
             ann = info.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 nested.append((name, ann))
                 continue
-            type_name = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "")
-            type_name = type_name.replace("'>", "").replace("|", "\\|")
+            args = typing.get_args(ann)
+            if (
+                typing.get_origin(ann) is list
+                and args
+                and isinstance(args[0], type)
+                and issubclass(args[0], BaseModel)
+            ):
+                items.append((f"{prefix}{name}", args[0]))
+                type_name = f"list of {args[0].__name__} (below)"
+            else:
+                type_name = str(ann).replace("typing.", "").replace("pathlib.", "").replace("<class '", "")
+                type_name = type_name.replace("'>", "").replace("|", "\\|")
             default = info.get_default(call_default_factory=True)
-            default_s = "`null`" if default is None else f"`{default}`"
+            default_s = "required" if info.is_required() else "`null`" if default is None else f"`{default}`"
             desc = (info.description or "").replace("|", "\\|")
             lines.append(f"| `{prefix}{name}` | {type_name} | {default_s} | {desc} |")
         lines.append("")
+        for key, sub in items:
+            lines.append(f"Each item of `{key}` ({sub.__name__}):")
+            lines.append("")
+            table(sub, f"{key}[].")
         for name, sub in nested:
             lines.append(f"## `{name}`")
             lines.append("")

@@ -1,4 +1,5 @@
-"""`selfreward eval ...`: reward-modeling agreement, head-to-head and AlpacaEval-style win rates.
+"""`selfreward eval ...`: reward-modeling agreement, head-to-head and AlpacaEval-style win rates,
+and the judge benchmark against human-labelled preference sets.
 
 Every command prints its tables and writes report.json + report.md + PNG plots
 (docs/evaluation.md defines each metric).
@@ -14,7 +15,10 @@ import typer
 from selfreward.cli.ui import RichProgressSink, console, friendly_errors, print_table
 
 app = typer.Typer(
-    help="Evaluate models and judges: reward-model agreement, head-to-head, AlpacaEval (docs/evaluation.md).",
+    help=(
+        "Evaluate models and judges: reward-model agreement, head-to-head, AlpacaEval, judge benchmark "
+        "(docs/evaluation.md)."
+    ),
     no_args_is_help=True,
 )
 
@@ -369,5 +373,147 @@ def alpaca(
                     lc.get("n", ""),
                 ],
             ],
+        )
+    console.print(f"wrote {paths['json']}, {paths['markdown']}", highlight=False)
+
+
+BENCH_HELP = "a human-labelled preference set: a JSON/JSONL file, a folder of them (LLMBar), or hf:<repo>[@<config>][:<split>]"
+
+
+@app.command("judge")
+@friendly_errors
+def judge_bench(
+    bench: str = typer.Option(..., "--bench", "-b", help=BENCH_HELP),
+    judges: list[str] = typer.Option(
+        [],
+        "--judge",
+        "-j",
+        help=f"{JUDGE_HELP} | length:longer | length:shorter | random:<seed> (repeatable)",
+    ),
+    mode: str = typer.Option(
+        "pointwise", "--mode", help="pointwise (5-point scores) | pairwise (both orders)"
+    ),
+    fmt: str | None = typer.Option(
+        None, "--format", help="llmbar | pandalm | rewardbench | mtbench | generic (default: detected)"
+    ),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="a seeded sample of at most N items"),
+    out_dir: Path = typer.Option(
+        ..., "--out", "-o", help="verdicts (resumable), report.json, report.md, plots"
+    ),
+    baselines: bool = typer.Option(
+        True, "--baselines/--no-baselines", help="add length:longer, length:shorter and random:<seed>"
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="the set's name in reports (default: from the source)"
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="run config (judge, teacher, seed)"),
+    policy_url: str | None = typer.Option(None, "--policy-url", help="policy server for policy:* judges"),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="verdict cache; default: in-process"),
+    samples: int | None = typer.Option(
+        None, "--samples", "-k", min=1, help="pointwise verdicts per response (K)"
+    ),
+    bootstrap: int | None = typer.Option(None, "--bootstrap", min=100, help="bootstrap resamples"),
+    seed: int | None = typer.Option(
+        None, "--seed", help="sample, bootstrap and random-baseline seed (config seed)"
+    ),
+) -> None:
+    """Measure judges against human preference labels: accuracy with intervals, per subset, position and
+    length bias, parse failures, cost (docs/evaluation.md#judge-benchmark)."""
+    import asyncio
+
+    from selfreward.errors import ConfigError
+    from selfreward.evaluation.bench_sets import load_bench_set
+    from selfreward.evaluation.judge_bench import (
+        baseline_judge,
+        bench_judges,
+        default_baselines,
+        write_bench_report,
+    )
+    from selfreward.judging import make_run_judge
+    from selfreward.progress import Progress
+    from selfreward.reports.markdown import pct
+
+    if mode not in ("pointwise", "pairwise"):
+        raise ConfigError([f"--mode {mode!r}: must be pointwise or pairwise"], "mode")
+    cfg = _config(config)
+    the_seed = cfg.seed if seed is None else seed
+    data_set = load_bench_set(bench, fmt, name)
+    specs = list(dict.fromkeys(judges))
+    if not specs and not baselines:
+        raise ConfigError(["give --judge (or keep the baselines)"], "judge")
+
+    async def go() -> dict[str, Any]:
+        built: list[Any] = []
+        try:
+            for spec in specs:
+                built.append(
+                    baseline_judge(spec)
+                    or make_run_judge(spec, cfg, policy_url=policy_url, redis_url=redis_url)
+                )
+            if baselines:
+                have = {j.name for j in built}
+                built += [b for b in default_baselines(the_seed) if b.name not in have]
+            with RichProgressSink() as sink:
+                return await bench_judges(
+                    data_set,
+                    built,
+                    mode=mode,  # type: ignore[arg-type]
+                    out_dir=out_dir,
+                    limit=limit,
+                    seed=the_seed,
+                    bootstrap_samples=bootstrap or cfg.eval.bootstrap_samples,
+                    samples=samples,
+                    progress=Progress(sink),
+                )
+        finally:
+            for j in built:
+                if hasattr(j, "aclose"):
+                    await j.aclose()
+
+    data = asyncio.run(go())
+    paths = write_bench_report(out_dir, data)
+    s = data["set"]
+    console.print(
+        f"{s['name']} ({s['format']}): {s['records']} records, {s['items']} judgeable, {s['sampled']} judged; "
+        f"excluded: {', '.join(f'{k} {v}' for k, v in s['excluded'].items()) or 'none'}",
+        highlight=False,
+    )
+    rows = []
+    for j in data["judges"]:
+        m, pos = j["metrics"], j["metrics"].get("position") or {}
+        iv = m["intervals"].get("accuracy")
+        rows.append(
+            [
+                j["judge"],
+                j["mode"],
+                m["n"],
+                f"{pct(m['accuracy'])} [{pct(iv[0])}, {pct(iv[1])}]" if iv else pct(m["accuracy"]),
+                pct(m["accuracy_ties_wrong"]),
+                m["judge_ties"],
+                m["failures"],
+                pct(pos.get("consistency")) if pos else "-",
+                pct(m["length"]["judge_prefers_longer_rate"]),
+            ]
+        )
+    print_table(
+        f"Judge benchmark: {s['name']}",
+        [
+            "judge",
+            "mode",
+            "items",
+            "accuracy [95% CI]",
+            "ties wrong",
+            "ties",
+            "failures",
+            "consistency",
+            "prefers longer",
+        ],
+        rows,
+    )
+    retry = [j for j in data["judges"] if j["retry_later"]]
+    for j in retry:
+        console.print(
+            f"{j['judge']}: {len(j['retry_later'])} item(s) hit backend failures and were not written; run again",
+            highlight=False,
         )
     console.print(f"wrote {paths['json']}, {paths['markdown']}", highlight=False)

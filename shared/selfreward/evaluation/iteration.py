@@ -6,6 +6,10 @@
 - reward-modeling ability of the new model as a judge (`rm_judge`, normally
   `policy:<new model>`) against the human ranks of the run's EFT-eval split, when
   `eval.reward_model` is true;
+- the judge benchmark (`eval.judge_bench`): the new model as a self-judge (`rm_judge`), the
+  teacher where one is configured (its verdicts kept once per run in `eval/judge-bench/<set>/`,
+  so later iterations reuse them) and the baselines (length:longer, length:shorter,
+  random:<seed>) on a seeded sample of each set, in `eval/iter-<t>/judge-bench/<set>/`;
 - report.json (machine-readable), report.md, and plots: win_tie_loss.png, rm_scores.png
   (the judge's scores of human-best vs other replies), trends.png (metrics of every
   evaluated model of the run so far).
@@ -78,6 +82,12 @@ def summary_metrics(data: dict[str, Any]) -> dict[str, Any]:
             chosen_length=health.get("chosen_length"),
             rejected_length=health.get("rejected_length"),
         )
+    bench = data.get("judge_bench")
+    if bench:
+        out["judge_bench_accuracy"] = {
+            name: {j["role"]: j["metrics"]["accuracy"] for j in report["judges"]}
+            for name, report in bench.items()
+        }
     rm = data.get("reward_model")
     if rm:
         out.update(
@@ -104,6 +114,7 @@ async def evaluate_iteration(
     judge_name: str | None = None,
     rm_judge: Judge | None = None,
     rm_judge_name: str | None = None,
+    teacher_judge: Judge | None = None,
 ) -> dict[str, Any]:
     """Evaluate M(t+1) = `new_model` (served name) after iteration t; returns report.json's data."""
     out = eval_dir(layout, t)
@@ -119,6 +130,7 @@ async def evaluate_iteration(
         "head2head": None,
         "reward_model": None,
         "judge_health": judge_health(layout, t, config.eval.collapse_threshold),
+        "judge_bench": None,
     }
     plots: dict[str, bytes] = {}
     if baseline_model is not None and judge is not None:
@@ -161,6 +173,10 @@ async def evaluate_iteration(
         )
         data["reward_model"] = {"judge": name, **report.to_json(), "retry_later": scored.retry_later}
         plots["rm_scores.png"] = reward_model_plot(report)
+    if config.eval.judge_bench:
+        data["judge_bench"] = await iteration_judge_bench(
+            config, layout, t, rm_judge, teacher_judge, progress, self_name=rm_judge_name
+        )
     data["metrics"] = summary_metrics(data)
     previous = [r for r in iteration_reports(layout) if r.get("iteration") != t]
     labels, series = trend_series([*previous, data])
@@ -169,3 +185,62 @@ async def evaluate_iteration(
         plots["trends.png"] = metric_trends(labels, series, f"Run {layout.run}: metrics by model", lengths)
     write_report(out, data, iteration_markdown({**data, "plots": sorted(plots)}), plots)
     return data
+
+
+async def iteration_judge_bench(
+    config: RunConfig,
+    layout: RunLayout,
+    t: int,
+    self_judge: Judge | None,
+    teacher_judge: Judge | None,
+    progress: Progress = NULL_PROGRESS,
+    *,
+    self_name: str | None = None,
+) -> dict[str, Any]:
+    """Every `eval.judge_bench` set: per set report.json's data, each judge with its `role`
+    (self, teacher, baseline); the teacher's and the baselines' verdicts are kept once per run."""
+    from selfreward.evaluation.bench_sets import load_bench_set
+    from selfreward.evaluation.judge_bench import (
+        bench_judges,
+        default_baselines,
+        store_name,
+        write_bench_report,
+    )
+
+    results: dict[str, Any] = {}
+    for spec in config.eval.judge_bench:
+        bench = load_bench_set(spec.set, spec.format, spec.name)
+        run_dir = layout.eval_dir / "judge-bench" / safe_name(bench.name)
+        roles: dict[str, str] = {}
+        judges: list[Any] = []
+        if self_judge is not None:
+            judges.append(self_judge)
+            roles[self_judge.name] = "self"
+        stores = {}
+        if teacher_judge is not None:
+            judges.append(teacher_judge)
+            roles[teacher_judge.name] = "teacher"
+            stores[teacher_judge.name] = run_dir / "verdicts" / store_name(teacher_judge, spec.mode)
+        for baseline in default_baselines(config.seed):
+            judges.append(baseline)
+            roles[baseline.name] = baseline.name
+            stores[baseline.name] = run_dir / "verdicts" / store_name(baseline, spec.mode)
+        out = eval_dir(layout, t) / "judge-bench" / safe_name(bench.name)
+        report = await bench_judges(
+            bench,
+            judges,
+            mode=spec.mode,
+            out_dir=out,
+            limit=spec.limit,
+            seed=config.seed,
+            bootstrap_samples=config.eval.bootstrap_samples,
+            progress=progress,
+            stores=stores,
+        )
+        for j in report["judges"]:
+            j["role"] = roles.get(j["judge"], "judge")
+        if self_name is not None:
+            report["self_judge"] = self_name
+        write_bench_report(out, report)
+        results[bench.name] = report
+    return results

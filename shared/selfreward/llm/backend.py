@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -94,6 +95,20 @@ class Backend:
     spec: BackendSpec
     events: BackendEvents
     context_len: int | None = None  # the model's context, once a count reported it
+    _usage: Counter[str] | None = None
+
+    @property
+    def usage(self) -> Counter[str]:
+        """Tokens the backend reported so far (`prompt_tokens`, `completion_tokens`); empty when it
+        reports none (the judge benchmark's cost)."""
+        if self._usage is None:
+            self._usage = Counter()
+        return self._usage
+
+    def count_usage(self, prompt_tokens: Any, completion_tokens: Any) -> None:
+        for key, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+            if isinstance(value, int) and not isinstance(value, bool):
+                self.usage[key] += value
 
     async def capabilities(self) -> Capabilities:
         raise NotImplementedError
@@ -264,6 +279,7 @@ class OpenAICompatBackend(Backend):
             ok = True
         finally:
             self.events.on_call(self.spec.name, time.monotonic() - started, ok)
+        self.count_usage(gen.usage.get("prompt_tokens"), gen.usage.get("completion_tokens"))
         return [Output(c.text, c.finish_reason, c.top_logprobs, c.tokens) for c in gen.choices]
 
     async def count_tokens(self, prompt: str, prefill: str | None = None) -> tuple[int, int] | None:

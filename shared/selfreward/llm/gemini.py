@@ -152,6 +152,11 @@ class GeminiBackend(Backend):
                 f"{self.spec.name}: unreachable after {self.settings.max_retries + 1} attempts "
                 f"({type(exc).__name__})"
             ) from exc
+        meta = getattr(response, "usage_metadata", None)
+        if meta is not None:
+            self.count_usage(
+                getattr(meta, "prompt_token_count", None), getattr(meta, "candidates_token_count", None)
+            )
         return _gemini_output(response)
 
     async def generate(

@@ -205,6 +205,172 @@ def iteration_markdown(data: Mapping[str, Any]) -> str:
         parts.append(reward_model_markdown(data["reward_model"], "## Reward-modeling ability (EFT eval)"))
     if data.get("judge_health"):
         parts.append(judge_health_markdown(data["judge_health"], data["iteration"]))
+    for name, bench in (data.get("judge_bench") or {}).items():
+        s = bench["set"]
+        parts += [
+            f"## Judge benchmark: {name} (`{s['source']}`, {s['sampled']} items)",
+            "",
+            judge_bench_table(bench["judges"]),
+            "",
+            f"Full report: judge-bench/{name}/report.md",
+            "",
+        ]
     for name in data.get("plots", []):
         parts.append(f"![{name}]({name})\n")
     return "\n".join(parts)
+
+
+def _bench_row(j: Mapping[str, Any]) -> list[str]:
+    m = j["metrics"]
+    pos = m.get("position") or {}
+    length = m["length"]
+    return [
+        f"`{j['judge']}`",
+        j["mode"],
+        str(m["n"]),
+        f"{pct(m['accuracy'])} {interval(m['intervals'].get('accuracy'))}",
+        pct(m["accuracy_ties_wrong"]),
+        str(m["judge_ties"]),
+        f"{m['failures']} ({pct(m['parse_failure_rate'])})",
+        pct(pos.get("consistency")) if pos else "-",
+        pct(pos.get("first_position_share")) if pos else "-",
+        pct(length["judge_prefers_longer_rate"]),
+    ]
+
+
+BENCH_HEADER = [
+    "judge",
+    "mode",
+    "items",
+    "accuracy (ties half) [95% CI]",
+    "accuracy (ties wrong)",
+    "judge ties",
+    "failures",
+    "position consistency",
+    "first-position share",
+    "prefers longer",
+]
+
+
+def judge_bench_table(judges: Sequence[Mapping[str, Any]]) -> str:
+    return table(BENCH_HEADER, [_bench_row(j) for j in judges])
+
+
+def judge_bench_markdown(data: Mapping[str, Any], heading: str | None = None) -> str:
+    """One set's judge benchmark: the set's accounting, then every judge (docs/evaluation.md)."""
+    s = data["set"]
+    judges = data["judges"]
+    excluded = ", ".join(f"{k} {v}" for k, v in s["excluded"].items()) or "none"
+    lines = [
+        heading or f"# Judge benchmark: {s['name']}",
+        "",
+        f"Set `{s['source']}` (format {s['format']}): {s['records']} records, {s['items']} judgeable items "
+        f"(excluded: {excluded})"
+        + (f"; a seeded sample of {s['sampled']} (limit {s['limit']})" if s.get("limit") else "")
+        + ".",
+        "",
+    ]
+    if s.get("coerced"):
+        lines += [
+            "Coerced (accepted as the number they spell): "
+            + ", ".join(f"{k} in {v} records" for k, v in s["coerced"].items())
+            + ".",
+            "",
+        ]
+    if s.get("problems"):
+        shown = s["problems"][:10]
+        lines += [
+            f"Invalid records ({s['excluded'].get('invalid_record', 0)}; the first {len(shown)}):",
+            "",
+            table(["record", "field", "error"], [[str(p["index"]), p["field"], p["error"]] for p in shown]),
+            "",
+        ]
+    lines += [judge_bench_table(judges), ""]
+    subsets = sorted({name for j in judges for name in j["metrics"]["subsets"]})
+    if subsets:
+        rows = [
+            [name]
+            + [
+                f"{pct((j['metrics']['subsets'].get(name) or {}).get('accuracy'))} "
+                f"(n={(j['metrics']['subsets'].get(name) or {}).get('n', 0)})"
+                for j in judges
+            ]
+            for name in subsets
+        ]
+        lines += [
+            "Accuracy per subset:",
+            "",
+            table(["subset", *(f"`{j['judge']}`" for j in judges)], rows),
+            "",
+        ]
+    sections = [j for j in judges if j.get("rewardbench_sections")]
+    if sections:
+        names = sorted({k for j in sections for k in j["rewardbench_sections"]})
+        rows = [
+            [f"`{j['judge']}`"]
+            + [
+                pct(sec["accuracy"]) + ("" if sec["complete"] else " (partial)")
+                if (sec := j["rewardbench_sections"].get(n))
+                else "n/a"
+                for n in names
+            ]
+            for j in sections
+        ]
+        lines += [
+            "RewardBench sections (its weights; docs/evaluation.md):",
+            "",
+            table(["judge", *names], rows),
+            "",
+        ]
+    length_rows = [
+        [
+            f"`{j['judge']}`",
+            f"{pct(j['metrics']['length']['accuracy_human_prefers_longer'])} "
+            f"(n={j['metrics']['length']['n_human_prefers_longer']})",
+            f"{pct(j['metrics']['length']['accuracy_human_prefers_shorter'])} "
+            f"(n={j['metrics']['length']['n_human_prefers_shorter']})",
+            pct(j["metrics"]["length"]["judge_prefers_longer_rate"]),
+        ]
+        for j in judges
+    ]
+    lines += [
+        "Length bias (characters):",
+        "",
+        table(
+            ["judge", "accuracy, human prefers longer", "accuracy, human prefers shorter", "prefers longer"],
+            length_rows,
+        ),
+        "",
+    ]
+    cost_rows = [
+        [
+            f"`{j['judge']}`",
+            str(j["cost"].get("verdicts_total")),
+            str(j["cost"].get("cached_verdicts_total")),
+            str(j["cost"].get("judged_now")),
+            f"{j['cost'].get('wall_s', 0):.1f} s",
+            "n/a"
+            if not j["cost"].get("tokens_now")
+            else ", ".join(f"{k} {v}" for k, v in j["cost"]["tokens_now"].items()),
+        ]
+        for j in judges
+    ]
+    lines += [
+        "Cost:",
+        "",
+        table(
+            [
+                "judge",
+                "verdicts",
+                "cached verdicts",
+                "judged this run",
+                "wall time this run",
+                "tokens this run",
+            ],
+            cost_rows,
+        ),
+        "",
+    ]
+    for name in data.get("plots", []):
+        lines.append(f"![{name}]({name})\n")
+    return "\n".join(lines)

@@ -110,3 +110,57 @@ def metric_trends(
     axes[-1].set_xticks(x, list(labels))
     axes[-1].set_xlabel("model")
     return _png(fig)
+
+
+def bench_accuracy_bars(data: Mapping[str, Any]) -> bytes:
+    """Judge-benchmark accuracy (judge ties = half) of each judge with its bootstrap interval, overall
+    and per subset (grouped), a dashed line at 50% (chance). `data` is report.json of `eval judge`."""
+    judges = data["judges"]
+    subsets = sorted({s for j in judges for s in j["metrics"]["subsets"]})
+    groups = ["all", *subsets]
+    fig = _figure(max(5.6, 1.6 + 0.9 * len(groups) * max(1, len(judges)) ** 0.5), 4.0)
+    ax = fig.add_subplot()
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(judges))
+    for i, j in enumerate(judges):
+        rows = [j["metrics"], *(j["metrics"]["subsets"].get(s, {}) for s in subsets)]
+        values = np.array([np.nan if r.get("accuracy") is None else r["accuracy"] for r in rows], dtype=float)
+        ivs = [r.get("intervals", {}).get("accuracy") for r in rows]
+        lo = np.array([np.nan if iv is None else iv[0] for iv in ivs], dtype=float)
+        hi = np.array([np.nan if iv is None else iv[1] for iv in ivs], dtype=float)
+        yerr = np.vstack([np.clip(values - lo, 0, None), np.clip(hi - values, 0, None)])
+        yerr = np.nan_to_num(yerr)
+        ax.bar(x + (i - (len(judges) - 1) / 2) * width, values, width, yerr=yerr, capsize=2, label=j["judge"])
+    ax.axhline(0.5, color="#616161", linestyle="--", linewidth=1)
+    ax.set_xticks(x, groups, fontsize="small", rotation=20 if len(groups) > 4 else 0)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy vs human labels")
+    ax.set_title(f"{data['set']['name']}: judge accuracy (95% bootstrap intervals)")
+    fig.legend(fontsize="x-small", loc="outside lower center", ncols=min(4, max(1, len(judges))))
+    return _png(fig)
+
+
+def bench_length_bars(data: Mapping[str, Any]) -> bytes:
+    """Per judge: accuracy where the human preferred the longer / the shorter response, and the
+    judge's rate of preferring the longer one (length bias)."""
+    judges = data["judges"]
+    stats = (
+        ("accuracy_human_prefers_longer", "accuracy, human prefers longer"),
+        ("accuracy_human_prefers_shorter", "accuracy, human prefers shorter"),
+        ("judge_prefers_longer_rate", "judge prefers the longer"),
+    )
+    fig = _figure(max(5.6, 1.8 + 1.4 * len(judges)), 3.8)
+    ax = fig.add_subplot()
+    x = np.arange(len(judges))
+    width = 0.26
+    for k, (key, label) in enumerate(stats):
+        values = np.array(
+            [np.nan if (v := j["metrics"]["length"].get(key)) is None else v for j in judges], dtype=float
+        )
+        ax.bar(x + (k - 1) * width, values, width, label=label)
+    ax.axhline(0.5, color="#616161", linestyle="--", linewidth=1)
+    ax.set_xticks(x, [j["judge"] for j in judges], fontsize="small", rotation=15 if len(judges) > 3 else 0)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{data['set']['name']}: length bias")
+    fig.legend(fontsize="x-small", loc="outside lower center", ncols=3)
+    return _png(fig)

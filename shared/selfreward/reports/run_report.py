@@ -191,6 +191,43 @@ def _eval_section(layout: RunLayout, t: int) -> str:
                 [[label, f(rm.get(k)), f(ex.get(k))] for label, k, f in keys],
             )
         )
+    for name, bench in (data.get("judge_bench") or {}).items():
+        s = bench["set"]
+        parts.append(
+            f"<p>Judge benchmark <code>{_e(name)}</code> ({_e(s['format'])}, {s['sampled']} of {s['items']} "
+            f"judgeable items; excluded: {_e(', '.join(f'{k} {v}' for k, v in s['excluded'].items()) or 'none')}): "
+            "accuracy against the human labels, judge ties counted half, 95% bootstrap intervals.</p>"
+        )
+        rows = []
+        for j in bench["judges"]:
+            m, pos = j["metrics"], j["metrics"].get("position") or {}
+            rows.append(
+                [
+                    j.get("role", "-"),
+                    j["judge"],
+                    m["n"],
+                    f"{pct(m['accuracy'])} {interval(m['intervals'].get('accuracy'))}",
+                    pct(m["accuracy_ties_wrong"]),
+                    f"{m['failures']} ({pct(m['parse_failure_rate'])})",
+                    pct(pos.get("consistency")) if pos else "-",
+                    pct(m["length"]["judge_prefers_longer_rate"]),
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "role",
+                    "judge",
+                    "items",
+                    "accuracy",
+                    "ties wrong",
+                    "failures",
+                    "position consistency",
+                    "prefers longer",
+                ],
+                rows,
+            )
+        )
     images = [_img((d / name).read_bytes(), name) for name in data.get("plots", []) if (d / name).is_file()]
     if images:
         parts.append('<div class="grid">' + "".join(images) + "</div>")

@@ -57,7 +57,27 @@ def trend_series(reports: list[dict[str, Any]]) -> tuple[list[str], dict[str, li
             values = [(r.get(section) or {}).get(key) for r in reports]
         if any(v is not None for v in values):
             series[name] = values
+    series.update(bench_series(reports))
     return labels, series
+
+
+def bench_series(reports: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Judge-benchmark accuracy per set and judge role (self, teacher, length:longer, ...) by model:
+    a collapsing self-judge shows as a falling line next to the length baseline."""
+    keys: dict[tuple[str, str], None] = {}
+    for r in reports:
+        for name, bench in (r.get("judge_bench") or {}).items():
+            for j in bench.get("judges", []):
+                if j.get("role") in ("self", "teacher", "length:longer"):
+                    keys[(name, j["role"])] = None
+    series: dict[str, list[float | None]] = {}
+    for name, role in keys:
+        values: list[float | None] = []
+        for r in reports:
+            judges = ((r.get("judge_bench") or {}).get(name) or {}).get("judges", [])
+            values.append(next((j["metrics"]["accuracy"] for j in judges if j.get("role") == role), None))
+        series[f"judge bench {name}: {role}"] = values
+    return series
 
 
 def length_series(reports: list[dict[str, Any]]) -> dict[str, list[float | None]]:

@@ -35,6 +35,8 @@ class EvaluateResult(StageResult):
             )
         if "rm_pairwise_accuracy" in met:
             parts.append(f"judge vs humans: pairwise_acc={_num(met['rm_pairwise_accuracy'])}")
+        for name, by_role in (met.get("judge_bench_accuracy") or {}).items():
+            parts.append(f"judge bench {name}: " + " ".join(f"{r}={_num(a)}" for r, a in by_role.items()))
         return "; ".join(parts)
 
 
@@ -59,9 +61,14 @@ async def run(ctx: StageContext) -> EvaluateResult:
         client=ctx.policy,
     )
     rm_judge = None
-    if cfg.eval.reward_model:
+    if cfg.eval.reward_model or cfg.eval.judge_bench:  # M(t+1) as a judge (EFT eval, judge benchmark)
         rm_judge = make_run_judge(
             f"policy:{new}", cfg, policy_url=ctx.url, redis_url=ctx.redis_url, client=ctx.policy
+        )
+    teacher_judge = None
+    if cfg.eval.judge_bench and cfg.teacher.backend:
+        teacher_judge = make_run_judge(
+            cfg.teacher.backend, cfg, policy_url=ctx.url, redis_url=ctx.redis_url, client=ctx.policy
         )
     try:
         data = await evaluate_iteration(
@@ -76,11 +83,13 @@ async def run(ctx: StageContext) -> EvaluateResult:
             judge_name=judge.name,
             rm_judge=rm_judge,
             rm_judge_name=rm_judge.name if rm_judge is not None else None,
+            teacher_judge=teacher_judge,
         )
     finally:
         await judge.aclose()
-        if rm_judge is not None:
-            await rm_judge.aclose()
+        for extra in (rm_judge, teacher_judge):
+            if extra is not None:
+                await extra.aclose()
     return EvaluateResult(model=new, baseline=baseline, metrics=data.get("metrics", {}))
 
 

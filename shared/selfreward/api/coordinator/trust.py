@@ -19,7 +19,7 @@ environment):
   (default none: Google's endpoint).
 - **Paths** (`model.base` when it names a file or folder, `model.chat_template`, `data.source`,
   `prompts.file`, `judge.template`, `judge.compare_template`, `meta.template`, `eval.prompts`,
-  `training.accelerate_config`): absolute, and inside the artifact root or a folder of
+  `eval.judge_bench[].set`, `training.accelerate_config`): absolute, and inside the artifact root or a folder of
   `SELFREWARD_ALLOWED_PATHS` (`:`-separated, e.g. the mounted `/etc/selfreward/configs`); built-in names
   (`builtin:<template>`, `demo`, `hf:<repo>`, `ift-eval`, shipped accelerate configs, hub ids,
   the built-in model alias) are always allowed. Symbolic links are resolved first.
@@ -84,7 +84,7 @@ def _raw(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 def _get(config: RunConfig, path: tuple[str, ...]) -> Any:
     value: Any = config
     for part in path:
-        value = getattr(value, part)
+        value = value[int(part)] if isinstance(value, list) else getattr(value, part)
     return value
 
 
@@ -214,6 +214,9 @@ class Deployment:
         prompts = config.eval.prompts
         if prompts != "ift-eval":
             out.append((("eval", "prompts"), prompts.split(":", 1)[1] if ":" in prompts else prompts))
+        for i, bench in enumerate(config.eval.judge_bench):
+            if not bench.set.startswith("hf:"):
+                out.append((("eval", "judge_bench", str(i), "set"), bench.set))
         accel = config.training.accelerate_config
         if accel is not None:
             from selfreward.training.launch import shipped_configs
