@@ -68,7 +68,7 @@ def test_trends_show_the_judge_and_the_answer_lengths() -> None:
         None, 1.0, 0.1,
     ]  # fmt: skip
     assert series["judge: parse-failure rate"] == [None, 0.1, 0.0]
-    assert "win rate vs baseline" not in series  # never measured: no line
+    assert "win rate vs previous model" not in series  # never measured: no line
     assert length_series(reports) == {
         "chosen answers": [None, 100.0, 80.0],
         "rejected answers": [None, 250.4, None],

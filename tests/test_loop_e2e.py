@@ -53,7 +53,10 @@ def check_run(root: Path, name: str, variant: str) -> dict[str, Any]:
     assert "<h1>Run " in (run / "report.html").read_text()  # written at the end of `selfreward run`
     report = json.loads((run / "eval" / "iter-1" / "report.json").read_text())
     assert report["model"].startswith("m2-") and report["baseline"].startswith("m1-")
-    assert report["head2head"]["n"] == 3
+    # eval.max_prompts 3, less the held-out check's removals (the demo seed has a near duplicate:
+    # "What is the difference between weather and climate?" vs "... affect and effect?", ROUGE-L 0.75)
+    assert report["contamination"]["checked"] == 3
+    assert report["head2head"]["n"] == 3 - report["contamination"]["removed"]
     return {"pairs": pairs, "report": report, "run": run}
 
 
@@ -204,3 +207,36 @@ def test_meta_reward_two_iterations_with_trends(tmp_path: Path, tiny_model_dir: 
         )
     page = (run / "report.html").read_text()
     assert "judge: share of its top score" in page or "trends.png" in page
+    # one evaluator for the run (M0, named with its hash), both comparisons, held-out check, summary rule
+    pinned = json.loads((run / "eval" / "evaluator.json").read_text())
+    assert (pinned["spec"], pinned["kind"], pinned["judge"]) == ("policy:m0", "base", "policy:tiny")
+    assert len(pinned["weights_sha256"]) == 64 and pinned["pinned_at_iteration"] == 1
+    reports = [json.loads((run / "eval" / f"iter-{t}" / "report.json").read_text()) for t in (1, 2)]
+    m1 = reports[0]["baseline"]
+    for t, report in zip((1, 2), reports, strict=True):
+        assert (
+            report["evaluator"] == pinned
+            and report["judge"] == "policy:tiny"
+            and not report["self_evaluation"]
+        )
+        fixed, previous = report["head2head_fixed"], report["head2head"]
+        assert fixed["b"] == m1 and fixed["a"] == report["model"]
+        assert previous["b"] == (m1 if t == 1 else reports[0]["model"])
+        assert fixed["summary"]["text"].startswith("no evidence of a difference")  # 3 prompts < min_prompts
+        c = report["contamination"]
+        assert c["checked"] >= fixed["n"] and set(c["training_prompts"]) >= {
+            "seed/ift.jsonl",
+            "iter-1/prompts.jsonl",
+        }
+        assert ("iter-2/prompts.jsonl" in c["training_prompts"]) == (t == 2)
+    # the fixed baseline answered once: one answer per prompt, reused by iteration 2
+    answers = load_jsonl(run / "eval" / "answers" / f"answers-{m1}.jsonl")
+    assert (
+        len(answers)
+        == len({a["prompt_id"] for a in answers})
+        == reports[1]["head2head_fixed"]["prompt_count"]
+    )
+    assert (
+        "Evaluator: `policy:tiny` (the base model M0" in (run / "eval" / "iter-2" / "report.md").read_text()
+    )
+    assert "win rate vs fixed baseline" in page and "Held-out check" in page and "sha256" in page

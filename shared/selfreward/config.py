@@ -345,9 +345,24 @@ class EvalConfig(StrictModel):
     )
     max_prompts: int | None = Field(32, ge=1)
     judge: str | None = Field(
-        None, description="evaluation judge backend; default: teacher, else policy:self"
+        None,
+        description="the run's evaluator, pinned by its first evaluation; default: the teacher, else policy:m0 "
+        "(the base model); policy:m<k> = the run's model M<k>; policy:self only explicitly (self-evaluation, flagged)",
     )
     head2head_against: Literal["previous", "m0", "m1", "none"] = "previous"
+    fixed_baseline: Literal["m0", "m1", "none"] = Field(
+        "m1",
+        description="every iteration is also compared against this one model: one ruler across iterations",
+    )
+    min_prompts: int = Field(
+        20,
+        ge=1,
+        description="below this many judged prompts a win rate is reported as no evidence of a difference",
+    )
+    contamination: Literal["drop", "report"] = Field(
+        "drop",
+        description="evaluation prompts that duplicate a training prompt (exact or ROUGE-L >= prompts.dedup_threshold)",
+    )
     reward_model: bool = Field(True, description="measure judge agreement with human ranks on EFT eval")
     bootstrap_samples: int = Field(1000, ge=100)
     max_tokens: int = Field(256, ge=8)

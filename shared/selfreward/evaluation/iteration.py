@@ -1,8 +1,11 @@
 """Evaluation of one iteration: after iteration t trained and published M(t+1).
 
 `evaluate_iteration` (async) writes `runs/<run>/eval/iter-<t>/`:
-- head-to-head of the new model against the baseline on `eval.prompts` (both answer with the
-  same settings; `eval.judge` compares each pair in both orders), unless no baseline is given;
+- head-to-head of the new model against the baseline (M(t)) and against the fixed baseline (M1
+  by default, the same model every iteration) on the held-out `eval.prompts` (prompts that
+  duplicate a training prompt are removed and counted, `evaluation.contamination`), judged in
+  both orders by the run's evaluator (`evaluation.evaluator`: pinned, never the model under test
+  unless self-evaluation is asked for); each with the summary rule (`metrics.winrate.evidence`);
 - reward-modeling ability of the new model as a judge (`rm_judge`, normally
   `policy:<new model>`) against the human ranks of the run's EFT-eval split, when
   `eval.reward_model` is true;
@@ -26,10 +29,14 @@ from __future__ import annotations
 from typing import Any
 
 from selfreward.config import RunConfig
+from selfreward.errors import EmptyResultError
 from selfreward.evaluation.answers import AnswerSide, GenerationSettings, safe_name
+from selfreward.evaluation.contamination import check_contamination, training_prompts
+from selfreward.evaluation.evaluator import SELF_NOTE, Evaluator
 from selfreward.evaluation.head2head import run_head2head
 from selfreward.evaluation.judge_health import judge_health
 from selfreward.evaluation.metrics.reward_model import compare_with_human, read_scores
+from selfreward.evaluation.metrics.winrate import evidence
 from selfreward.evaluation.prompt_sets import load_prompt_set, seeded_subset
 from selfreward.evaluation.reward_model import reward_model_plot, score_eft
 from selfreward.judging.protocol import Judge
@@ -41,11 +48,6 @@ from selfreward.reports.plots import metric_trends, win_tie_loss_bars
 from selfreward.reports.trends import eval_dir, iteration_reports, length_series, trend_series
 from selfreward.schemas import EFTEvalRecord, read_records
 from selfreward.storage import RunLayout
-
-
-def eval_judge_spec(config: RunConfig) -> str:
-    """The evaluation judge: eval.judge, else the teacher, else the model itself (policy:self)."""
-    return config.eval.judge or config.teacher.backend or "policy:self"
 
 
 def generation_settings(config: RunConfig) -> GenerationSettings:
@@ -71,6 +73,27 @@ def summary_metrics(data: dict[str, Any]) -> dict[str, Any]:
             judge_failures=h["failures"],
             prompts=h["n"],
         )
+        if h.get("summary"):
+            out["evidence"] = h["summary"]["evidence"]
+    f = data.get("head2head_fixed")
+    if f:
+        out.update(
+            fixed_baseline=f["b"],
+            fixed_win_rate=f["win_rate"],
+            fixed_win_rate_ci=f["intervals"]["win_rate"],
+            fixed_wins=f["wins"],
+            fixed_ties=f["ties"],
+            fixed_losses=f["losses"],
+            fixed_evidence=(f.get("summary") or {}).get("evidence"),
+        )
+    ev = data.get("evaluator")
+    if ev:
+        out.update(
+            evaluator=ev.get("judge") or ev.get("spec"), self_evaluation=bool(ev.get("self_evaluation"))
+        )
+    c = data.get("contamination")
+    if c:
+        out.update(contaminated_prompts=c["exact_duplicates"] + c["near_duplicates"])
     health = data.get("judge_health")
     if health:
         out.update(
@@ -115,8 +138,14 @@ async def evaluate_iteration(
     rm_judge: Judge | None = None,
     rm_judge_name: str | None = None,
     teacher_judge: Judge | None = None,
+    fixed_baseline_model: str | None = None,
+    evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
-    """Evaluate M(t+1) = `new_model` (served name) after iteration t; returns report.json's data."""
+    """Evaluate M(t+1) = `new_model` (served name) after iteration t; returns report.json's data.
+
+    `judge` is the run's evaluator (`evaluator` says which and with what weights); M(t+1) is
+    compared with `baseline_model` (M(t) by default) and with `fixed_baseline_model` (M1 by
+    default: the same for every iteration) on the held-out evaluation prompts."""
     out = eval_dir(layout, t)
     out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
@@ -125,38 +154,62 @@ async def evaluate_iteration(
         "iteration": t,
         "model": new_model,
         "baseline": baseline_model,
-        "judge": judge_name or (judge.name if judge is not None else eval_judge_spec(config)),
+        "fixed_baseline": fixed_baseline_model,
+        "judge": judge_name or (judge.name if judge is not None else None),
+        "evaluator": evaluator.model_dump(mode="json") if evaluator is not None else None,
+        "self_evaluation": SELF_NOTE if evaluator is not None and evaluator.self_evaluation else None,
         "prompts": config.eval.prompts,
+        "contamination": None,
         "head2head": None,
+        "head2head_fixed": None,
         "reward_model": None,
         "judge_health": judge_health(layout, t, config.eval.collapse_threshold),
         "judge_bench": None,
     }
     plots: dict[str, bytes] = {}
-    if baseline_model is not None and judge is not None:
+    baselines = [b for b in dict.fromkeys((baseline_model, fixed_baseline_model)) if b is not None]
+    if baselines and judge is not None:
         prompts = load_prompt_set(
             config.eval.prompts,
             seed_dir=layout.seed_dir,
             max_prompts=config.eval.max_prompts,
             seed=config.seed,
         )
-        h2h = await run_head2head(
-            AnswerSide(new_model),
-            AnswerSide(baseline_model),
-            prompts,
-            judge=judge,
-            judge_name=data["judge"],
-            client=client,
-            work_dir=out,
-            answers_dir=layout.eval_dir / "answers",
-            settings=generation_settings(config),
-            bootstrap_samples=config.eval.bootstrap_samples,
-            seed=config.seed,
-            prompts_spec=config.eval.prompts,
-            progress=progress,
+        prompts, contamination = check_contamination(
+            prompts, training_prompts(layout, t), config.prompts.dedup_threshold, config.eval.contamination
         )
-        data["head2head"] = h2h
-        plots["win_tie_loss.png"] = win_tie_loss_bars([h2h], f"{new_model} vs {baseline_model}")
+        data["contamination"] = contamination.to_json()
+        if not prompts:
+            raise EmptyResultError(
+                f"every evaluation prompt duplicates a training prompt ({contamination.to_json()['examples'][:3]}); "
+                "choose other eval.prompts, or eval.contamination: report"
+            )
+        results: dict[str, dict[str, Any]] = {}
+        for base in baselines:
+            h2h = await run_head2head(
+                AnswerSide(new_model),
+                AnswerSide(base),
+                prompts,
+                judge=judge,
+                judge_name=data["judge"],
+                client=client,
+                work_dir=out,
+                answers_dir=layout.eval_dir / "answers",  # a baseline answers once per run and settings
+                settings=generation_settings(config),
+                bootstrap_samples=config.eval.bootstrap_samples,
+                seed=config.seed,
+                prompts_spec=config.eval.prompts,
+                progress=progress,
+            )
+            h2h["summary"] = evidence(h2h, config.eval.min_prompts)
+            results[base] = h2h
+        if baseline_model is not None:
+            data["head2head"] = results[baseline_model]
+        if fixed_baseline_model is not None:
+            data["head2head_fixed"] = results[fixed_baseline_model]
+        plots["win_tie_loss.png"] = win_tie_loss_bars(
+            list(results.values()), f"{new_model} against its baselines"
+        )
     if config.eval.reward_model and rm_judge is not None:
         eft_path = layout.seed_dir / "eft_eval.jsonl"
         records = seeded_subset(read_records(eft_path, EFTEvalRecord), config.eval.max_prompts, config.seed)

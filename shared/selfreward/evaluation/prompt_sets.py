@@ -6,6 +6,9 @@ Specs (`eval.prompts`, `--prompts`):
 - `alpaca_eval:<file>`: AlpacaEval's JSON list (`instruction`, `dataset`, ...), e.g. the
   805-instruction reference outputs file;
 - `mt_bench:<file>`: MT-bench `question.jsonl`, first turn of each question;
+- `builtin:everyday`: 48 everyday instructions shipped with the package (written for selfreward:
+  writing, advice, explanation, lists, short reasoning, coding; 8 each, the category is the
+  `dataset`): a held-out set that needs no download, the quickstart's;
 - `<file>`: any JSONL (or JSON list) of records with `instruction` or `prompt` (and an
   optional `id`).
 
@@ -25,6 +28,7 @@ from selfreward.evaluation.metrics.alpaca import read_json_records
 from selfreward.storage import read_jsonl
 
 T = TypeVar("T")
+BUILTIN_DIR = Path(__file__).parent / "prompt_data"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,13 @@ def load_prompt_set(
     """Load an evaluation prompt set (see the module docstring); ids are unique."""
     if spec == "ift-eval":
         prompts = _ift_eval(seed_dir)
+    elif spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        path = BUILTIN_DIR / f"{name}.jsonl"
+        if not path.is_file():
+            known = ", ".join(f"builtin:{p.stem}" for p in sorted(BUILTIN_DIR.glob("*.jsonl")))
+            raise ConfigError([f"eval prompts {spec!r}: no such built-in set ({known})"], "eval.prompts")
+        prompts = _generic(path)
     elif spec.startswith("alpaca_eval:"):
         prompts = _alpaca(Path(spec.removeprefix("alpaca_eval:")))
     elif spec.startswith("mt_bench:"):
@@ -99,7 +110,10 @@ def load_prompt_set(
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(
-                [f"eval prompts {spec!r}: expected ift-eval, alpaca_eval:<file>, mt_bench:<file> or a file"],
+                [
+                    f"eval prompts {spec!r}: expected ift-eval, builtin:everyday, alpaca_eval:<file>, "
+                    "mt_bench:<file> or a file"
+                ],
                 "eval.prompts",
             )
         prompts = _generic(path)

@@ -109,9 +109,11 @@ def head2head_markdown(data: Mapping[str, Any], heading: str = "## Head-to-head"
         ["loss", pct(data["loss"]), interval(iv["loss"]), str(data["losses"])],
         ["win rate (wins + ties/2)", pct(data["win_rate"]), interval(iv["win_rate"]), ""],
     ]
+    summary = data.get("summary")
     parts = [
         heading,
         "",
+        *([f"**{summary['text']}**", ""] if summary else []),
         f"`{data['a']}` (A) against `{data['b']}` (B) on {data['n']} prompts"
         + (f" from `{data['prompts']}`" if data.get("prompts") else "")
         + (f", judged by `{data['judge']}` in both orders" if data.get("judge") else "")
@@ -122,6 +124,10 @@ def head2head_markdown(data: Mapping[str, Any], heading: str = "## Head-to-head"
         f"- judging failed on {data['failures']} prompt(s) (excluded); intervals: percentile bootstrap, "
         f"{data['bootstrap_samples']} resamples, seed {data['seed']}",
     ]
+    if "identical_answers" in data:
+        parts.append(
+            f"- {data['identical_answers']} of the {data['ties']} ties are identical answers (a tie without a judge call)"
+        )
     lengths = data.get("mean_answer_chars") or {}
     if lengths:
         parts.append(
@@ -196,11 +202,33 @@ def iteration_markdown(data: Mapping[str, Any]) -> str:
     parts = [
         f"# Evaluation of {data['model']} (run {data['run']}, iteration {data['iteration']})",
         "",
-        f"Evaluation judge: `{data.get('judge')}`; prompts: `{data.get('prompts')}`.",
+        evaluator_line(data),
         "",
     ]
+    if data.get("self_evaluation"):
+        parts += [
+            f"> **{data['self_evaluation']}**: the judge is the model under test (eval.judge: policy:self).",
+            "",
+        ]
+    c = data.get("contamination")
+    if c:
+        parts += [contamination_line(c), ""]
     if data.get("head2head"):
-        parts.append(head2head_markdown(data["head2head"]))
+        parts.append(
+            head2head_markdown(data["head2head"], f"## Against the previous model `{data['head2head']['b']}`")
+        )
+    fixed = data.get("head2head_fixed")
+    if fixed and fixed is not data.get("head2head") and fixed != data.get("head2head"):
+        parts.append(
+            head2head_markdown(
+                fixed, f"## Against the fixed baseline `{fixed['b']}` (the same every iteration)"
+            )
+        )
+    elif fixed:
+        parts += [
+            f"The fixed baseline is `{fixed['b']}`, the previous model in this iteration: one comparison.",
+            "",
+        ]
     if data.get("reward_model"):
         parts.append(reward_model_markdown(data["reward_model"], "## Reward-modeling ability (EFT eval)"))
     if data.get("judge_health"):
@@ -374,3 +402,33 @@ def judge_bench_markdown(data: Mapping[str, Any], heading: str | None = None) ->
     for name in data.get("plots", []):
         lines.append(f"![{name}]({name})\n")
     return "\n".join(lines)
+
+
+def evaluator_line(data: Mapping[str, Any]) -> str:
+    ev = data.get("evaluator") or {}
+    if not ev:
+        return f"Evaluation judge: `{data.get('judge')}`; prompts: `{data.get('prompts')}`."
+    weights = ev.get("weights_sha256")
+    what = {
+        "base": "the base model M0, not trained by the run",
+        "teacher": "the teacher",
+        "configured": "eval.judge",
+        "self": "the model under test (self-evaluation)",
+    }.get(ev.get("kind"), ev.get("kind"))
+    return (
+        f"Evaluator: `{data.get('judge')}` ({what}"
+        + (f", weights sha256 {weights[:12]}" if weights else "")
+        + f"; pinned by iteration {ev.get('pinned_at_iteration')}'s evaluation); prompts: `{data.get('prompts')}`."
+    )
+
+
+def contamination_line(c: Mapping[str, Any]) -> str:
+    sources = ", ".join(f"{k} ({v})" for k, v in c["training_prompts"].items()) or "none"
+    flagged = c["exact_duplicates"] + c["near_duplicates"]
+    action = f"removed {c['removed']}" if c["action"] == "drop" else "kept (eval.contamination: report)"
+    return (
+        f"Held-out check: {c['checked']} evaluation prompts against the training prompts of {sources}: "
+        f"{c['exact_duplicates']} exact and {c['near_duplicates']} near duplicates (ROUGE-L >= {c['threshold']}); "
+        + (action if flagged else "none found")
+        + "."
+    )

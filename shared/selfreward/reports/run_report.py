@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from selfreward.errors import InputError
-from selfreward.reports.markdown import interval, num, pct
+from selfreward.reports.markdown import contamination_line, evaluator_line, interval, num, pct
 from selfreward.reports.plots import metric_trends, score_histograms
 from selfreward.reports.trends import eval_dir, iteration_reports, length_series, trend_series
 from selfreward.storage import RunLayout, atomic_write_text, read_jsonl, read_manifest
@@ -35,7 +35,7 @@ table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #eee;margin:.4rem .4rem .4rem 0}
-.muted{color:#777}.grid{display:flex;flex-wrap:wrap;gap:.5rem}
+.muted{color:#777}.warn{color:#b71c1c}.grid{display:flex;flex-wrap:wrap;gap:.5rem}
 code{background:#f6f6f6;padding:0 .2rem}
 """
 
@@ -119,6 +119,7 @@ def _summary_rows(reports: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     rows = []
     for r in reports:
         h = r.get("head2head") or {}
+        f = r.get("head2head_fixed") or {}
         rm = r.get("reward_model") or {}
         iv = h.get("intervals") or {}
         jh = r.get("judge_health") or {}
@@ -130,6 +131,11 @@ def _summary_rows(reports: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
                 r.get("baseline") or "-",
                 f"{pct(h.get('win_rate'))} {interval(iv.get('win_rate'))}" if h else "-",
                 f"{h['wins']}/{h['ties']}/{h['losses']}" if h else "-",
+                f"{pct(f.get('win_rate'))} {interval((f.get('intervals') or {}).get('win_rate'))} vs {f.get('b')}"
+                if f
+                else "-",
+                _e((r.get("evaluator") or {}).get("spec") or r.get("judge") or "-")
+                + (" (self-evaluation)" if r.get("self_evaluation") else ""),
                 pct(rm.get("pairwise_accuracy")) if rm else "-",
                 pct(rm.get("exact_match")) if rm else "-",
                 num(rm.get("spearman")) if rm else "-",
@@ -149,13 +155,27 @@ def _eval_section(layout: RunLayout, t: int) -> str:
         return '<p class="muted">No evaluation yet.</p>'
     data = json.loads(report.read_text(encoding="utf-8"))
     parts = [f"<h3>Evaluation of {_e(data.get('model'))}</h3>"]
-    h = data.get("head2head")
-    if h:
+    parts.append(f"<p>{_e(evaluator_line(data))}</p>")
+    if data.get("self_evaluation"):
+        parts.append(f'<p class="warn"><strong>{_e(data["self_evaluation"])}</strong></p>')
+    if data.get("contamination"):
+        parts.append(f"<p>{_e(contamination_line(data['contamination']))}</p>")
+    comparisons = [("the previous model", data.get("head2head"))]
+    fixed = data.get("head2head_fixed")
+    if fixed and fixed != data.get("head2head"):
+        comparisons.append(("the fixed baseline", fixed))
+    for label, h in comparisons:
+        if not h:
+            continue
         iv = h["intervals"]
+        summary = (h.get("summary") or {}).get("text")
+        if summary:
+            parts.append(f"<p><strong>{_e(summary)}</strong></p>")
         parts.append(
-            f"<p>Head-to-head against <code>{_e(h['b'])}</code> on {h['n']} prompts "
+            f"<p>Head-to-head against {label} <code>{_e(h['b'])}</code> on {h['n']} prompts "
             f"(<code>{_e(h.get('prompts'))}</code>), judge <code>{_e(h.get('judge'))}</code>; "
-            f"{h['failures']} failed judgments excluded.</p>"
+            f"{h['failures']} failed judgments excluded; {h.get('identical_answers', 0)} of the "
+            f"{h['ties']} ties are identical answers.</p>"
         )
         parts.append(
             _table(
@@ -270,6 +290,8 @@ def build_run_report(layout: RunLayout, out_path: Path | None = None) -> Path:
                     "baseline",
                     "win rate [95% CI]",
                     "w/t/l",
+                    "win rate vs fixed baseline",
+                    "evaluator",
                     "RM pairwise acc.",
                     "RM exact match",
                     "RM Spearman",

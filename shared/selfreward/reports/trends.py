@@ -10,7 +10,8 @@ from selfreward.errors import InputError
 from selfreward.storage import RunLayout
 
 TREND_METRICS = {
-    "win rate vs baseline": ("head2head", "win_rate"),
+    "win rate vs previous model": ("head2head", "win_rate"),
+    "win rate vs fixed baseline": ("head2head_fixed", "win_rate"),
     "RM pairwise accuracy": ("reward_model", "pairwise_accuracy"),
     "RM exact match": ("reward_model", "exact_match"),
     "RM Spearman (per prompt)": ("reward_model", "spearman"),

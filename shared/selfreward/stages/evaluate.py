@@ -1,7 +1,8 @@
 """Iteration stage `evaluate`: after iteration t trained and published M(t+1).
 
 `selfreward.evaluation.iteration.evaluate_iteration` writes `eval/iter-<t>/`: head-to-head of
-M(t+1) against `eval.head2head_against` (M(t) by default) judged by `eval.judge`, and the
+M(t+1) against `eval.head2head_against` (M(t) by default) and `eval.fixed_baseline` (M1 by
+default) judged by the run's pinned evaluator (`selfreward.evaluation.evaluator`), and the
 reward-modeling agreement of M(t+1) as a judge with the human ranks of the EFT-eval split;
 answers, verdicts and scores are resumable. The stage manifest keeps the headline metrics.
 """
@@ -22,7 +23,10 @@ def _num(v: Any) -> str:
 class EvaluateResult(StageResult):
     model: str
     baseline: str | None = None
+    fixed_baseline: str | None = None
+    evaluator: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
+    verdicts: list[str] = Field(default_factory=list)  # the summary rule's sentence per comparison
 
     def summary(self) -> str:
         met = self.metrics
@@ -33,6 +37,18 @@ class EvaluateResult(StageResult):
                 f"{self.model} vs {self.baseline}: w/t/l={met['wins']}/{met['ties']}/{met['losses']} "
                 f"win_rate={_num(met['win_rate'])} [{_num(lo)}, {_num(hi)}]"
             )
+        if "fixed_wins" in met and self.fixed_baseline != self.baseline:
+            lo, hi = met.get("fixed_win_rate_ci") or (None, None)
+            parts.append(
+                f"vs fixed {self.fixed_baseline}: w/t/l={met['fixed_wins']}/{met['fixed_ties']}/{met['fixed_losses']} "
+                f"win_rate={_num(met['fixed_win_rate'])} [{_num(lo)}, {_num(hi)}]"
+            )
+        if self.evaluator:
+            parts.append(
+                f"evaluator {self.evaluator}" + (" (SELF-EVALUATION)" if met.get("self_evaluation") else "")
+            )
+        if met.get("evidence") is False:
+            parts.append("no evidence of a difference")
         if "rm_pairwise_accuracy" in met:
             parts.append(f"judge vs humans: pairwise_acc={_num(met['rm_pairwise_accuracy'])}")
         for name, by_role in (met.get("judge_bench_accuracy") or {}).items():
@@ -41,8 +57,10 @@ class EvaluateResult(StageResult):
 
 
 async def run(ctx: StageContext) -> EvaluateResult:
-    from selfreward.evaluation.iteration import eval_judge_spec, evaluate_iteration
+    from selfreward.evaluation.evaluator import resolve_evaluator
+    from selfreward.evaluation.iteration import evaluate_iteration
     from selfreward.judging import make_run_judge
+    from selfreward.stages.prepare import base_model_dir
 
     cfg = ctx.config
     new = await ctx.served(ctx.t + 1)
@@ -52,8 +70,12 @@ async def run(ctx: StageContext) -> EvaluateResult:
         baseline = await ctx.served(ctx.t)
     elif against in ("m0", "m1"):
         baseline = await ctx.served(int(against[1]))
+    fixed = None
+    if cfg.eval.fixed_baseline != "none":
+        fixed = await ctx.served(int(cfg.eval.fixed_baseline[1]))
+    evaluator = await resolve_evaluator(cfg, ctx.layout, ctx.t, ctx.served, str(base_model_dir(ctx)))
     judge = make_run_judge(
-        eval_judge_spec(cfg),
+        evaluator.judge or "policy:self",
         cfg,
         policy_url=ctx.url,
         self_model=new,
@@ -84,13 +106,22 @@ async def run(ctx: StageContext) -> EvaluateResult:
             rm_judge=rm_judge,
             rm_judge_name=rm_judge.name if rm_judge is not None else None,
             teacher_judge=teacher_judge,
+            fixed_baseline_model=fixed,
+            evaluator=evaluator,
         )
     finally:
         await judge.aclose()
         for extra in (rm_judge, teacher_judge):
             if extra is not None:
                 await extra.aclose()
-    return EvaluateResult(model=new, baseline=baseline, metrics=data.get("metrics", {}))
+    return EvaluateResult(
+        model=new,
+        baseline=baseline,
+        fixed_baseline=fixed,
+        evaluator=data["metrics"].get("evaluator"),
+        metrics=data.get("metrics", {}),
+        verdicts=[h["summary"]["text"] for h in (data.get("head2head"), data.get("head2head_fixed")) if h],
+    )
 
 
 STAGE = Stage(

@@ -21,7 +21,7 @@ environment):
   `prompts.file`, `judge.template`, `judge.compare_template`, `meta.template`, `eval.prompts`,
   `eval.judge_bench[].set`, `training.accelerate_config`): absolute, and inside the artifact root or a folder of
   `SELFREWARD_ALLOWED_PATHS` (`:`-separated, e.g. the mounted `/etc/selfreward/configs`); built-in names
-  (`builtin:<template>`, `demo`, `hf:<repo>`, `ift-eval`, shipped accelerate configs, hub ids,
+  (`builtin:<template>` and `builtin:<prompt set>`, `demo`, `hf:<repo>`, `ift-eval`, shipped accelerate configs, hub ids,
   the built-in model alias) are always allowed. Symbolic links are resolved first.
 
 A field the deployment sets itself (any `SELFREWARD_*` override, e.g. `model.base` and its chat
@@ -212,7 +212,7 @@ class Deployment:
         if not config.meta.template.startswith("builtin:"):
             out.append((("meta", "template"), config.meta.template))
         prompts = config.eval.prompts
-        if prompts != "ift-eval":
+        if prompts != "ift-eval" and not prompts.startswith("builtin:"):
             out.append((("eval", "prompts"), prompts.split(":", 1)[1] if ":" in prompts else prompts))
         for i, bench in enumerate(config.eval.judge_bench):
             if not bench.set.startswith("hf:"):

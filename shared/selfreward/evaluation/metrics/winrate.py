@@ -108,3 +108,25 @@ def head_to_head(
         bootstrap_samples=bootstrap_samples,
         seed=seed,
     )
+
+
+def evidence(data: dict[str, Any], min_n: int) -> dict[str, Any]:
+    """The summary rule of a head-to-head (docs/evaluation.md): a verdict only when at least `min_n`
+    prompts were judged and the win rate's interval excludes 50%; else "no evidence of a difference"."""
+    n, a, b = data["n"], data["a"], data["b"]
+    lo, hi = data["intervals"]["win_rate"]
+    conf = data.get("confidence", 0.95)
+    shown = f"win rate {100 * data['win_rate']:.1f}% [{100 * lo:.1f}%, {100 * hi:.1f}%], n={n}"
+    if n < min_n:
+        return {
+            "evidence": False,
+            "text": f"no evidence of a difference between {a} and {b}: only {n} judged prompts "
+            f"(eval.min_prompts {min_n}); {shown}",
+        }
+    if lo <= 0.5 <= hi:
+        return {
+            "evidence": False,
+            "text": f"no evidence of a difference between {a} and {b}: the {conf:.0%} interval contains 50%; {shown}",
+        }
+    better = lo > 0.5
+    return {"evidence": True, "text": f"{a} {'beats' if better else 'loses to'} {b}: {shown}"}
