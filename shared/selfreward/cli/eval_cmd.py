@@ -431,7 +431,7 @@ def judge_bench(
     )
     from selfreward.judging import make_run_judge
     from selfreward.progress import Progress
-    from selfreward.reports.markdown import pct
+    from selfreward.reports.markdown import BENCH_HEADER, bench_row
 
     if mode not in ("pointwise", "pairwise"):
         raise ConfigError([f"--mode {mode!r}: must be pointwise or pairwise"], "mode")
@@ -478,37 +478,8 @@ def judge_bench(
         f"excluded: {', '.join(f'{k} {v}' for k, v in s['excluded'].items()) or 'none'}",
         highlight=False,
     )
-    rows = []
-    for j in data["judges"]:
-        m, pos = j["metrics"], j["metrics"].get("position") or {}
-        iv = m["intervals"].get("accuracy")
-        rows.append(
-            [
-                j["judge"],
-                j["mode"],
-                m["n"],
-                f"{pct(m['accuracy'])} [{pct(iv[0])}, {pct(iv[1])}]" if iv else pct(m["accuracy"]),
-                pct(m["accuracy_ties_wrong"]),
-                m["judge_ties"],
-                m["failures"],
-                pct(pos.get("consistency")) if pos else "-",
-                pct(m["length"]["judge_prefers_longer_rate"]),
-            ]
-        )
     print_table(
-        f"Judge benchmark: {s['name']}",
-        [
-            "judge",
-            "mode",
-            "items",
-            "accuracy [95% CI]",
-            "ties wrong",
-            "ties",
-            "failures",
-            "consistency",
-            "prefers longer",
-        ],
-        rows,
+        f"Judge benchmark: {s['name']}", BENCH_HEADER, [bench_row(j, quote=False) for j in data["judges"]]
     )
     retry = [j for j in data["judges"] if j["retry_later"]]
     for j in retry:

@@ -146,16 +146,13 @@ class _Skip(Exception):
         self.reason = reason
 
 
-_COERCED: Counter[str] = Counter()  # where a parser has no counter of its own (never read)
-
-
-def _text(raw: Mapping[str, Any], name: str, coerced: Counter[str] = _COERCED) -> str:
-    """A text field; a number (e.g. an answer "144" that a JSON reader such as `datasets` decoded
-    into an int) is taken as its text and counted in `coerced`."""
+def _text(raw: Mapping[str, Any], name: str, coerced: Counter[str] | None = None) -> str:
+    """A text field; with `coerced`, a number (e.g. an answer "144" that a JSON reader such as
+    `datasets` decoded into an int) is taken as its text and counted there."""
     if name not in raw or raw[name] is None:
         raise _Bad(name, "missing")
     value = raw[name]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if coerced is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
         coerced[name] += 1
         return str(value)
     if not isinstance(value, str):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
@@ -63,8 +64,6 @@ def _weights(layout: RunLayout, k: int, base_dir: str | None) -> str | None:
     if k == 0:
         if base_dir is None:
             return None
-        from pathlib import Path
-
         from selfreward.training.request import base_model_sha256
 
         return base_model_sha256(Path(base_dir))

@@ -218,7 +218,7 @@ def iteration_markdown(data: Mapping[str, Any]) -> str:
             head2head_markdown(data["head2head"], f"## Against the previous model `{data['head2head']['b']}`")
         )
     fixed = data.get("head2head_fixed")
-    if fixed and fixed is not data.get("head2head") and fixed != data.get("head2head"):
+    if fixed and fixed != data.get("head2head"):
         parts.append(
             head2head_markdown(
                 fixed, f"## Against the fixed baseline `{fixed['b']}` (the same every iteration)"
@@ -248,12 +248,13 @@ def iteration_markdown(data: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _bench_row(j: Mapping[str, Any]) -> list[str]:
+def bench_row(j: Mapping[str, Any], quote: bool = True) -> list[str]:
+    """One judge's row of BENCH_HEADER (Markdown, the CLI table and the run's HTML page)."""
     m = j["metrics"]
     pos = m.get("position") or {}
     length = m["length"]
     return [
-        f"`{j['judge']}`",
+        f"`{j['judge']}`" if quote else j["judge"],
         j["mode"],
         str(m["n"]),
         f"{pct(m['accuracy'])} {interval(m['intervals'].get('accuracy'))}",
@@ -281,7 +282,7 @@ BENCH_HEADER = [
 
 
 def judge_bench_table(judges: Sequence[Mapping[str, Any]]) -> str:
-    return table(BENCH_HEADER, [_bench_row(j) for j in judges])
+    return table(BENCH_HEADER, [bench_row(j) for j in judges])
 
 
 def judge_bench_markdown(data: Mapping[str, Any], heading: str | None = None) -> str:

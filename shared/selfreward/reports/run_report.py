@@ -22,7 +22,15 @@ from typing import Any
 import yaml
 
 from selfreward.errors import InputError
-from selfreward.reports.markdown import contamination_line, evaluator_line, interval, num, pct
+from selfreward.reports.markdown import (
+    BENCH_HEADER,
+    bench_row,
+    contamination_line,
+    evaluator_line,
+    interval,
+    num,
+    pct,
+)
 from selfreward.reports.plots import metric_trends, score_histograms
 from selfreward.reports.trends import eval_dir, iteration_reports, length_series, trend_series
 from selfreward.storage import RunLayout, atomic_write_text, read_jsonl, read_manifest
@@ -218,36 +226,8 @@ def _eval_section(layout: RunLayout, t: int) -> str:
             f"judgeable items; excluded: {_e(', '.join(f'{k} {v}' for k, v in s['excluded'].items()) or 'none')}): "
             "accuracy against the human labels, judge ties counted half, 95% bootstrap intervals.</p>"
         )
-        rows = []
-        for j in bench["judges"]:
-            m, pos = j["metrics"], j["metrics"].get("position") or {}
-            rows.append(
-                [
-                    j.get("role", "-"),
-                    j["judge"],
-                    m["n"],
-                    f"{pct(m['accuracy'])} {interval(m['intervals'].get('accuracy'))}",
-                    pct(m["accuracy_ties_wrong"]),
-                    f"{m['failures']} ({pct(m['parse_failure_rate'])})",
-                    pct(pos.get("consistency")) if pos else "-",
-                    pct(m["length"]["judge_prefers_longer_rate"]),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "role",
-                    "judge",
-                    "items",
-                    "accuracy",
-                    "ties wrong",
-                    "failures",
-                    "position consistency",
-                    "prefers longer",
-                ],
-                rows,
-            )
-        )
+        rows = [[j.get("role", "-"), *bench_row(j, quote=False)] for j in bench["judges"]]
+        parts.append(_table(["role", *BENCH_HEADER], rows))
     images = [_img((d / name).read_bytes(), name) for name in data.get("plots", []) if (d / name).is_file()]
     if images:
         parts.append('<div class="grid">' + "".join(images) + "</div>")
