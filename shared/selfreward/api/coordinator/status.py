@@ -116,6 +116,13 @@ def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) ->
     status, failed_stage, error = chain_status(store, conn, run_id, t if (t > 0 or st is not None) else 1)
     if all_done:
         status = "done"
+    if status == "failed":
+        # the failure callback marks the iteration failed before RQ moves the job to its failed
+        # registry: the stage the stored state names is shown failed in that window too
+        for s in stages:
+            if s["stage"] == failed_stage and s["state"] in ("queued", "running", "retrying"):
+                s["state"] = "failed"
+                s.setdefault("error", error)
     if status in ("failed", "cancelled"):
         for s in stages:  # jobs waiting on a failed or cancelled stage will not run
             if s["state"] in ("queued", "waiting", "retrying"):
