@@ -73,6 +73,20 @@ def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: P
     # a second invocation finds every stage done and runs nothing
     again = run_cli(config, policy_server.url)
     assert again.count("already done") == 10
+    # the served adapters with their lineage from the manifests (vLLM's parent is only the base)
+    served = CliRunner().invoke(
+        app, ["policy", "adapters", "list", "--url", policy_server.url], env={"COLUMNS": "300"}
+    )
+    assert served.exit_code == 0, served.output
+    cells = [
+        [c.strip() for c in line.strip().strip("│").split("│")]
+        for line in served.output.splitlines()
+        if line.startswith("│")
+    ]
+    rows = {r[0]: r for r in cells}
+    m1 = next(r for name, r in rows.items() if name.startswith("m1-"))
+    m2 = next(r for name, r in rows.items() if name.startswith("m2-"))
+    assert m2[1] == "m1" and m1[1] == "(base)" and m2[2] == "tiny", served.output
 
 
 @pytest.mark.timeout(600)

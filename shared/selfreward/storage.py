@@ -298,6 +298,10 @@ class RunLayout:
         """Shared across runs: prepared base models, keyed by content hash."""
         return self.root / "cache"
 
+    def stage_log(self, t: int, stage: str, attempt: int) -> Path:
+        """What the worker printed for one attempt of stage (t, stage) (distributed mode)."""
+        return self.logs_dir / f"iter-{t}" / f"{stage}.{attempt}.log"
+
     def iter_dir(self, t: int) -> Path:
         return self.run_dir / f"iter-{t}"
 

@@ -15,11 +15,13 @@ from selfreward.cli import (
     data_cmd,
     eval_cmd,
     judge_cmd,
+    logs_cmd,
     methods_cmd,
     policy_cmd,
     report_cmd,
     run_cmd,
     serve_cmd,
+    stack_cmd,
     train_cmd,
 )
 
@@ -35,11 +37,13 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(policy_cmd.app, name="policy")
 app.add_typer(judge_cmd.app, name="judge")
 app.add_typer(serve_cmd.app, name="serve")
+app.add_typer(stack_cmd.app, name="stack")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("report")(report_cmd.report)
 app.command("run")(run_cmd.run)
 app.command("methods")(methods_cmd.methods)
+app.command("logs")(logs_cmd.logs)
 app.add_typer(train_cmd.app, name="train")
 app.add_typer(train_cmd.worker_app, name="worker")
 

@@ -210,8 +210,29 @@ def adapters_list(
         async with OpenAICompatClient(_url(url, config_path), max_retries=1) as client:
             return await client.models()
 
-    rows = [(m["id"], m.get("parent") or "(base)", m.get("root") or "") for m in asyncio.run(go())]
-    print_table("served models", ["name", "parent", "path"], rows)
+    rows = [
+        (m["id"], _lineage_parent(m), m.get("parent") or "", m.get("root") or "") for m in asyncio.run(go())
+    ]
+    print_table("served models", ["name", "trained from", "served on", "path"], rows)
+
+
+def _lineage_parent(model: dict[str, Any]) -> str:
+    """The model an adapter was trained from, from its manifest beside the adapter (vLLM's
+    `parent` is only the base the adapter is served on); `?` where the folder is not readable."""
+    from selfreward.storage import read_manifest
+
+    if not model.get("parent"):
+        return "(base)"
+    root = Path(str(model.get("root") or ""))
+    for path in (root / "manifest.json", root.parent / "manifest.json"):
+        try:
+            manifest = read_manifest(path)
+        except Exception:
+            manifest = None
+        if manifest is not None and "name" in manifest:
+            parent = manifest.get("parent") or {}
+            return str(parent.get("name") or "(base)") if isinstance(parent, dict) else str(parent)
+    return "?"
 
 
 @adapters_app.command("load")

@@ -12,6 +12,7 @@ continues where the dead one stopped.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from typing import Any
@@ -19,10 +20,11 @@ from typing import Any
 import redis
 from rq import Callback, Queue, Retry, get_current_job
 from rq.command import send_stop_job_command
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import AbandonedJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from selfreward.drivers.state import IterationState, RunStore
+from selfreward.drivers.stage_log import capture
+from selfreward.drivers.state import LIVE, IterationState, RunStore
 from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
 from selfreward.progress import Progress, rq_meta_sink
 from selfreward.stages import plan
@@ -31,6 +33,7 @@ from selfreward.storage import RunLayout, sha256_text
 
 # errors a retry cannot fix: the stage fails at once (fix the cause, then resume the iteration)
 NOT_RETRIED = (ConfigError, InputError, EmptyResultError)
+log = logging.getLogger(__name__)
 
 
 def _job_id(run_id: str, t: int, stage_t: int, stage: str, attempt: int) -> str:
@@ -86,6 +89,7 @@ def enqueue_stage(
         result_ttl=7 * 24 * 3600,
         failure_ttl=30 * 24 * 3600,
         on_failure=Callback(on_stage_failure),
+        on_stopped=Callback(on_stage_stopped),
         description=f"{run_id} iteration {t}: {stage.name} (iter-{stage_t})",
         meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": stage.name},
     )
@@ -133,9 +137,13 @@ def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -
 
 
 def cancel_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -> None:
+    """Mark iteration t cancelled, then cancel its waiting stage jobs and stop its running one
+    (marked first: the failure callback of a stopped job then knows it was cancelled)."""
     state = store.iteration(run_id, t)
     if state is None:
         return
+    if state.status in LIVE:
+        store.update_iteration(run_id, t, status="cancelled", finished_at=time.time())
     for job_id in state.jobs.values():
         try:
             job = Job.fetch(job_id, connection=conn)
@@ -147,36 +155,63 @@ def cancel_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) ->
                 send_stop_job_command(conn, job_id)
         elif status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
             job.cancel()
-    if state.status in ("queued", "running"):
-        store.update_iteration(run_id, t, status="cancelled", finished_at=time.time())
 
 
 # ---------------------------------------------------------------- the job itself
 
 
 def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, Any]:
-    """The job of one stage: run `stage` of iteration `stage_t` for iteration t's chain."""
+    """The job of one stage: run `stage` of iteration `stage_t` for iteration t's chain.
+
+    Each attempt is recorded (RunStore.start_attempt) and logs to its own file
+    (RunLayout.stage_log); the iteration shows `running` once its own first stage starts and
+    `waiting_for_setup` while set-up stages at the head of its chain run.
+    """
     from selfreward.stages.stage import StageContext, run_stage
 
     job = get_current_job()
     assert job is not None, "run_stage_job runs inside an RQ worker"
     store = RunStore(job.connection)
-    if store.run_meta(run_id)["cancelled"]:
-        raise RuntimeError(f"run {run_id!r} was cancelled")
+    state = store.iteration(run_id, t)
+    if state is not None and state.status == "cancelled":
+        raise RuntimeError(f"iteration {t} of run {run_id!r} was cancelled")
     config = store.config(run_id)
-    store.update_iteration(run_id, t, status="running")
+    layout = RunLayout(config.artifact_root, run_id)
+    store.update_iteration(run_id, t, status="running" if stage_t == t else "waiting_for_setup")
+    earlier = sum(a["seconds"] or 0.0 for a in store.attempts(run_id, stage_t, stage))
+    attempt = store.start_attempt(run_id, stage_t, stage, job_id=job.id, worker=job.worker_name)
+    job.meta["attempt"] = attempt
+    job.save_meta()
     ctx = StageContext(
         config=config,
-        layout=RunLayout(config.artifact_root, run_id),
+        layout=layout,
         t=stage_t,
         progress=Progress(rq_meta_sink(job)),
         redis_url=redis_url_of(job.connection),
+        earlier_seconds=earlier,
     )
-    manifest = run_stage(ctx, plan.stage_named(stage, stage_t, config.variant))
+    with capture(layout.stage_log(stage_t, stage, attempt)):
+        log.info("%s iteration %d: %s (iter-%d), attempt %d", run_id, t, stage, stage_t, attempt)
+        the_stage = plan.stage_named(stage, stage_t, config.variant)
+        manifest = run_stage(ctx, the_stage)
+        log.info("%s done in %.1f s: %s", stage, manifest["seconds"], the_stage.result_of(manifest).summary())
+    store.end_attempt(run_id, stage_t, stage, job_id=job.id, outcome="done")
     last = chain_of(ctx.layout, t, config.variant) == []
     if last:
         store.update_iteration(run_id, t, status="done", finished_at=time.time())
+        write_report(layout)
     return {"stage": stage, "iteration": stage_t, "manifest": manifest}
+
+
+def write_report(layout: RunLayout) -> None:
+    """The run's HTML report after each finished iteration, as the embedded driver writes it; a
+    report that cannot be written is logged, the iteration stays done."""
+    from selfreward.reports.run_report import build_run_report
+
+    try:
+        build_run_report(layout)
+    except Exception:
+        log.exception("the run report of %s could not be written", layout.run)
 
 
 def on_stage_failure(job: Job, connection: redis.Redis, exc_type: Any, exc: BaseException, tb: Any) -> None:
@@ -187,16 +222,58 @@ def on_stage_failure(job: Job, connection: redis.Redis, exc_type: Any, exc: Base
     cause = exc.__cause__ if isinstance(exc, StageError) and exc.__cause__ is not None else exc
     if isinstance(cause, NOT_RETRIED):
         job.retries_left = 0
-    if job.should_retry:
-        return
     meta = job.meta
     # the API shows this message: no traceback (RQ keeps it in the job's result, and the log)
     message = f"{type(exc).__name__}: {exc}" if exc is not None else "failed"
-    RunStore(connection).update_iteration(
+    store = RunStore(connection)
+    state = store.iteration(meta["run"], meta["t"])
+    cancelled = state is not None and state.status == "cancelled"
+    outcome = "cancelled" if cancelled else "worker_lost" if isinstance(exc, AbandonedJobError) else "failed"
+    store.end_attempt(
+        meta["run"], meta["stage_t"], meta["stage"], job_id=job.id, outcome=outcome, error=message[:4000]
+    )
+    if cancelled:
+        job.retries_left = 0  # a cancelled iteration's job is not retried
+        return
+    if job.should_retry:
+        return
+    store.update_iteration(
         meta["run"],
         meta["t"],
         status="failed",
         failed_stage=meta["stage"],
         error=message[:4000],
         finished_at=time.time(),
+    )
+
+
+def on_stage_stopped(job: Job, connection: redis.Redis) -> None:
+    """A stage job stopped on purpose (cancel): its attempt ends `cancelled`."""
+    meta = job.meta
+    RunStore(connection).end_attempt(
+        meta["run"],
+        meta["stage_t"],
+        meta["stage"],
+        job_id=job.id,
+        outcome="cancelled",
+        error="stopped by cancel",
+    )
+
+
+def on_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+    """The worker's hook for a work-horse that died without a word (SIGKILL, out of memory):
+    RQ calls no failure callback then, so the attempt is closed here."""
+    import os
+
+    signal_text = f" by signal {os.WTERMSIG(ret_val)}" if ret_val and os.WIFSIGNALED(ret_val) else ""
+    meta = job.meta
+    if "run" not in meta:  # not a stage job
+        return
+    RunStore(job.connection).end_attempt(
+        meta["run"],
+        meta["stage_t"],
+        meta["stage"],
+        job_id=job.id,
+        outcome="failed",
+        error=f"the work-horse (pid {retpid}) was killed{signal_text}",
     )

@@ -2,9 +2,11 @@
 
 Keys (prefix `selfreward:`):
     runs                        sorted set of run ids by creation time
-    run:<id>                    hash: config (JSON), created_at, cancelled, artifact_root
+    run:<id>                    hash: config (JSON), created_at, artifact_root
     run:<id>:iter:<t>           hash: status, jobs (JSON {stage: job id}), error, failed_stage,
                                 started_at, finished_at, attempt
+    run:<id>:attempts:<t>:<stage>  list of JSON attempts of stage (t, stage): number, job id,
+                                worker, started_at, ended_at, seconds, outcome, error
     lock:run:<id>               short lock around starting an iteration
 
 What is done is read from the artifact store (a stage is done when its manifest exists);
@@ -29,6 +31,10 @@ from selfreward.errors import SelfRewardError
 PREFIX = "selfreward:"
 
 
+# an iteration in one of these has work queued or running (a lost worker's stage included)
+LIVE = ("queued", "waiting_for_setup", "running", "worker_lost")
+
+
 class RunNotFound(SelfRewardError):
     pass
 
@@ -40,7 +46,7 @@ class Conflict(SelfRewardError):
 @dataclass
 class IterationState:
     t: int
-    status: str  # queued | running | done | failed | cancelled
+    status: str  # queued | waiting_for_setup | running | done | failed | cancelled
     jobs: dict[str, str]
     error: str | None
     failed_stage: str | None
@@ -81,7 +87,7 @@ class RunStore:
                         )
                     now = time.time()
                     pipe.multi()
-                    pipe.hset(key, mapping={"config": body, "created_at": now, "cancelled": 0})
+                    pipe.hset(key, mapping={"config": body, "created_at": now})
                     pipe.zadd(f"{PREFIX}runs", {config.name: now})
                     pipe.execute()
                     return True
@@ -89,8 +95,10 @@ class RunStore:
                     continue
 
     def delete_run(self, run_id: str) -> None:
-        """Forget a run: its config, iterations and index entry (the artifacts are the caller's)."""
+        """Forget a run: its config, iterations, attempts and index entry (the artifacts are the
+        caller's)."""
         keys = [self._run_key(run_id), *(self._iter_key(run_id, t) for t in self.iterations(run_id))]
+        keys += list(self.r.scan_iter(match=f"{self._run_key(run_id)}:attempts:*", count=1000))
         with self.r.pipeline() as pipe:
             pipe.delete(*keys)
             pipe.zrem(f"{PREFIX}runs", run_id)
@@ -113,10 +121,7 @@ class RunStore:
         if not raw:
             raise RunNotFound(f"no run {run_id!r}")
         meta = {k.decode(): v.decode() for k, v in raw.items() if k != b"config"}
-        return {"created_at": float(meta.get("created_at", 0)), "cancelled": meta.get("cancelled") == "1"}
-
-    def set_cancelled(self, run_id: str, cancelled: bool) -> None:
-        self.r.hset(self._run_key(run_id), "cancelled", int(cancelled))
+        return {"created_at": float(meta.get("created_at", 0))}
 
     # ------------------------------------------------------------ iterations
 
@@ -161,6 +166,55 @@ class RunStore:
             k: ("" if v is None else json.dumps(v) if isinstance(v, dict) else v) for k, v in fields.items()
         }
         self.r.hset(self._iter_key(run_id, t), mapping=mapping)
+
+    # ------------------------------------------------------------ stage attempts
+
+    def _attempts_key(self, run_id: str, t: int, stage: str) -> str:
+        return f"{self._run_key(run_id)}:attempts:{t}:{stage}"
+
+    def start_attempt(self, run_id: str, t: int, stage: str, *, job_id: str, worker: str | None) -> int:
+        """Record a new attempt of stage (t, stage); return its number (1, 2, ...). An earlier
+        attempt still marked running never reported its end: it is closed as `lost`."""
+        key = self._attempts_key(run_id, t, stage)
+        for i, entry in enumerate(self.attempts(run_id, t, stage)):
+            if entry["outcome"] == "running":
+                entry.update(outcome="lost", error=entry.get("error") or "ended without a report")
+                self.r.lset(key, i, json.dumps(entry))
+        entry = {
+            "job_id": job_id,
+            "worker": worker,
+            "started_at": time.time(),
+            "ended_at": None,
+            "seconds": None,
+            "outcome": "running",
+            "error": None,
+        }
+        number = int(self.r.rpush(key, json.dumps(entry)))
+        self.r.lset(key, number - 1, json.dumps({"attempt": number, **entry}))
+        return number
+
+    def end_attempt(
+        self, run_id: str, t: int, stage: str, *, job_id: str, outcome: str, error: str | None = None
+    ) -> dict[str, Any] | None:
+        """Close the running attempt of `job_id` (done | failed | worker_lost | cancelled)."""
+        key = self._attempts_key(run_id, t, stage)
+        entries = self.attempts(run_id, t, stage)
+        for i in range(len(entries) - 1, -1, -1):
+            entry = entries[i]
+            if entry["job_id"] == job_id and entry["outcome"] == "running":
+                now = time.time()
+                entry.update(
+                    outcome=outcome,
+                    error=error,
+                    ended_at=now,
+                    seconds=round(now - entry["started_at"], 2),
+                )
+                self.r.lset(key, i, json.dumps(entry))
+                return entry
+        return None
+
+    def attempts(self, run_id: str, t: int, stage: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(self._attempts_key(run_id, t, stage), 0, -1)]
 
     @contextmanager
     def lock(self, run_id: str, timeout_s: float = 30.0) -> Iterator[None]:

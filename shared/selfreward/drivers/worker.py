@@ -14,15 +14,46 @@ TRL, PEFT or vLLM (its stages talk to the policy and judge services over HTTP), 
 the torch-free install (`pip install 'selfreward[worker]'`). A worker that serves `train` imports
 the training libraries once in the parent (`preload`), so each forked job starts without those
 ~7 s of imports.
+
+A lost worker is noticed by RQ's own mechanisms, with shorter intervals than RQ's defaults
+(docs/api.md, "When a worker is lost"): the parent sends a heartbeat every `HEARTBEAT_S` while
+its horse works and each heartbeat keeps the job's entry in the started registry alive for
+`JOB_TTL_S`; every worker cleans the registries of its queues every `MAINTENANCE_S` (RQ's
+default is 10 minutes), which retries (or fails) a job whose entry expired. Children die with
+their worker: the horse and RQ's scheduler child get SIGKILL from the kernel when the worker
+process dies (Linux `PR_SET_PDEATHSIG`), so no orphan finishes a job nobody watches or keeps
+the queue's scheduler lock; the lock expires 61 s after its holder's last refresh and a new
+worker's maintenance pass takes the scheduler over.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
+from selfreward.processes import children_die_with_their_parent
 from selfreward.stages.stage import QUEUES
 
 TRAIN_PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "selfreward.training.trainers")
+HEARTBEAT_S = 5  # the worker's heartbeat while a job runs (RQ's job_monitoring_interval; default 30)
+JOB_TTL_S = 30  # a running job's registry entry lives this long after each heartbeat (RQ: 90)
+MAINTENANCE_S = 10  # registry cleanup and scheduler take-over by every worker (RQ: 600)
+LOST_AFTER_S = 20  # the API calls a worker lost when its last heartbeat is older than this
+
+
+def stage_worker_class() -> type[Any]:
+    """RQ's forking Worker with the intervals above and a job TTL of `JOB_TTL_S` after each
+    heartbeat instead of RQ's fixed 60 s margin."""
+    from rq import Worker
+
+    class StageWorker(Worker):
+        def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+            if job.timeout and job.timeout > 0:
+                remaining = job.timeout - working_time
+                return int(min(remaining, self.job_monitoring_interval)) + JOB_TTL_S - HEARTBEAT_S
+            return JOB_TTL_S
+
+    return StageWorker
 
 
 def start_worker(
@@ -37,7 +68,7 @@ def start_worker(
 ) -> bool:
     """Run the worker loop until stopped (or until the queues are empty with `burst`)."""
     from redis import Redis
-    from rq import Queue, Worker
+    from rq import Queue
 
     unknown = sorted(set(queues) - set(QUEUES))
     if unknown or not queues:
@@ -46,5 +77,16 @@ def start_worker(
         for module in TRAIN_PRELOAD:
             importlib.import_module(module)
     connection = Redis.from_url(redis_url)
-    worker = Worker([Queue(q, connection=connection) for q in queues], connection=connection, name=name)
+    children_die_with_their_parent()
+    from selfreward.drivers.rq import on_horse_killed
+
+    worker = stage_worker_class()(
+        [Queue(q, connection=connection) for q in queues],
+        connection=connection,
+        name=name,
+        work_horse_killed_handler=on_horse_killed,
+        job_monitoring_interval=HEARTBEAT_S,
+        maintenance_interval=MAINTENANCE_S,
+        worker_ttl=MAINTENANCE_S + 15,  # an idle worker's blocking dequeue lasts worker_ttl - 15 s
+    )
     return worker.work(burst=burst, with_scheduler=with_scheduler, logging_level=logging_level)

@@ -32,6 +32,7 @@ from typing import Any
 
 from selfreward.config import PolicyServerConfig, RunConfig
 from selfreward.errors import ConfigError, InputError, ServiceError
+from selfreward.processes import term_with_parent
 
 from . import vllm_main
 from .prepare import check_causal_lm
@@ -150,18 +151,6 @@ def vllm_env(policy: PolicyServerConfig, base: Mapping[str, str] | None = None) 
         if reserved is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
     return env
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM it when the process that started it dies, so a
-    killed owner never leaves an orphaned server holding the port and gigabytes of memory."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -284,7 +273,7 @@ class PolicyServer:
                 stderr=subprocess.STDOUT,
                 env=vllm_env(self.policy, self.base_env),
                 start_new_session=True,  # its own process group: stop() reaches every worker
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=term_with_parent,
             )
 
     def wait_ready(self, timeout_s: float | None = None) -> None:

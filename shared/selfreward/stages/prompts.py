@@ -197,6 +197,7 @@ async def self_instruct(
                 else:
                     attempts.append(rec)
                     task.update(attempts=next_attempt)
+        task.update(done=len(prompts), attempts=next_attempt)  # ends equal to the manifest's counts
         task.close()
         n = len(prompts)
     finally:

@@ -8,7 +8,7 @@ timeout, and the typed model of its result. `execute(ctx, stage)` is the one way
 - a stage is done when `iter-<t>/<stage>.manifest.json` exists; `execute` of a done stage
   returns that manifest and runs nothing (idempotent);
 - otherwise it runs the stage and writes the manifest: the envelope (stage, iteration, run,
-  variant, seed, config sha256, start time, seconds, sha256 of the stage's JSONL output) plus
+  variant, seed, config sha256, start time, seconds of this attempt and of all, sha256 of the stage's JSONL output) plus
   the fields of the stage's result;
 - every stage resumes from what it already wrote (each stage module says how), so running it
   again after a crash finishes the work without redoing it. Errors a user must fix
@@ -50,6 +50,7 @@ ENVELOPE = (
     "config_sha256",
     "started_at",
     "seconds",
+    "seconds_total",
     "outputs",
     "written_at",
 )
@@ -132,6 +133,7 @@ class StageContext:
     progress: Progress = NULL_PROGRESS
     policy_url: str | None = None
     redis_url: str | None = None
+    earlier_seconds: float = 0.0  # wall time of this stage's earlier attempts (distributed mode)
     _policy: OpenAICompatClient | None = field(default=None, init=False, repr=False)
     _served: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -196,6 +198,7 @@ async def execute(ctx: StageContext, stage: Stage) -> dict[str, Any]:
             raise
         except SelfRewardError as exc:
             raise StageError(stage.name, str(exc)) from exc
+    elapsed = time.time() - started
     output = ctx.file(stage.name)
     manifest = {
         "stage": stage.name,
@@ -205,7 +208,8 @@ async def execute(ctx: StageContext, stage: Stage) -> dict[str, Any]:
         "seed": ctx.config.seed,
         "config_sha256": sha256_text(ctx.config.model_dump_json()),
         "started_at": started,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(elapsed, 2),  # this (the last) attempt's
+        "seconds_total": round(elapsed + ctx.earlier_seconds, 2),  # all attempts' (distributed mode)
         **result.manifest_fields(),
     }
     if output.is_file():

@@ -51,7 +51,9 @@ class ProgressCallback(TrainerCallback):
             self.task.update(resumed_from_step=state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.task is not None:
+        # a step that logs is shown by on_log, with its own loss (shown here, the throttled API
+        # sink would drop on_log's update and show the previous logged step's loss beside it)
+        if self.task is not None and not getattr(control, "should_log", False):
             self.task.update(done=state.global_step, step=state.global_step, eta_s=self._eta(state))
 
     def on_log(
@@ -62,7 +64,12 @@ class ProgressCallback(TrainerCallback):
         values = {k: float(logs[k]) for k in LOGGED_METRICS if isinstance(logs.get(k), int | float)}
         if not values:
             return
-        self.task.update(**{k: v for k, v in values.items() if k in PROGRESS_METRICS})
+        self.task.update(
+            done=state.global_step,
+            step=state.global_step,
+            eta_s=self._eta(state),
+            **{k: v for k, v in values.items() if k in PROGRESS_METRICS},
+        )
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         log.info("%s step %d/%d %s", self.task_name, state.global_step, state.max_steps, shown)
 

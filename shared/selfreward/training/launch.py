@@ -14,11 +14,8 @@ started with PR_SET_PDEATHSIG, so a killed job does not leave training processes
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.errors import ConfigError, StageError
+from selfreward.processes import term_with_parent
 from selfreward.progress import Progress, ProgressEvent, Task
 from selfreward.storage import atomic_write_text
 
@@ -109,12 +107,6 @@ class ProgressRelay:
             task.close()
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def launch_command(request: TrainRequest, request_file: Path, progress_file: Path) -> list[str]:
     assert request.config.training.accelerate_config is not None
     config_file = accelerate_config_path(request.config.training.accelerate_config)
@@ -161,7 +153,7 @@ def run_accelerate(request: TrainRequest, progress: Progress, poll_s: float = 0.
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=_die_with_parent,
+            preexec_fn=term_with_parent,
         )
         try:
             while proc.poll() is None:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import redis
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,7 +30,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ValidationError
-from rq import Queue
+from rq import Queue, Worker
 
 from selfreward import __version__
 from selfreward.api.auth import require_token
@@ -39,7 +39,8 @@ from selfreward.api.coordinator.trust import Deployment
 from selfreward.api.limits import BodyLimit, shown
 from selfreward.config import RunConfig, deep_merge, dump_config, env_overrides
 from selfreward.drivers.rq import cancel_iteration, enqueue_iteration
-from selfreward.drivers.state import Conflict, RunNotFound, RunStore
+from selfreward.drivers.stage_log import attempt_logs, read_log
+from selfreward.drivers.state import LIVE, Conflict, RunNotFound, RunStore
 from selfreward.stages import plan
 from selfreward.stages.stage import QUEUES
 from selfreward.storage import RunLayout, atomic_write_text
@@ -111,7 +112,16 @@ def create_app(
     iterations_started = Counter(
         "selfreward_iterations_started_total", "iterations enqueued", registry=registry
     )
-    queue_length = Gauge("selfreward_queue_length", "jobs waiting per RQ queue", ["queue"], registry=registry)
+    queue_length = Gauge(
+        "selfreward_queue_length",
+        "stage jobs per RQ queue and state (queued, deferred: waiting on an earlier stage, "
+        "scheduled: a retry waiting for its delay, started)",
+        ["queue", "state"],
+        registry=registry,
+    )
+    workers_gauge = Gauge(
+        "selfreward_workers", "live RQ workers listening on each queue", ["queue"], registry=registry
+    )
 
     app = FastAPI(
         title="selfreward coordinator",
@@ -166,7 +176,12 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         for q in QUEUES:
-            queue_length.labels(q).set(Queue(q, connection=conn).count)
+            queue = Queue(q, connection=conn)
+            queue_length.labels(q, "queued").set(queue.count)
+            queue_length.labels(q, "deferred").set(queue.deferred_job_registry.get_job_count(cleanup=False))
+            queue_length.labels(q, "scheduled").set(queue.scheduled_job_registry.get_job_count(cleanup=False))
+            queue_length.labels(q, "started").set(queue.started_job_registry.get_job_count(cleanup=False))
+            workers_gauge.labels(q).set(Worker.count(queue=queue))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
@@ -247,7 +262,7 @@ def create_app(
         config, layout = layout_of(run_id)
         with store.lock(run_id):
             for t in store.iterations(run_id):
-                if run_status.chain_status(store, conn, run_id, t)[0] in ("queued", "running"):
+                if run_status.chain_status(store, conn, run_id, t)[0] in LIVE:
                     raise Conflict(f"iteration {t} of run {run_id!r} is live; cancel the run first")
             store.delete_run(run_id)
         removed = False
@@ -269,18 +284,17 @@ def create_app(
         },
     )
     def start_iteration(run_id: str) -> IterationStarted:
-        """Start the next iteration (with the set-up stages first if they are not done)."""
+        """Start the next iteration (with the set-up stages first if they are not done); a
+        cancelled one is resumed."""
         _config, layout = layout_of(run_id)
-        if store.run_meta(run_id)["cancelled"]:
-            raise Conflict(f"run {run_id!r} was cancelled")
         with store.lock(run_id):
             for t in store.iterations(run_id):
                 st = store.iteration(run_id, t)
-                if st is not None and st.status in ("queued", "running"):
+                if st is not None and st.status in LIVE:
                     raise Conflict(
                         f"iteration {t} of run {run_id!r} is {st.status}; wait for it or cancel the run"
                     )
-                if st is not None and st.status in ("failed", "cancelled") and t >= 1:
+                if st is not None and st.status == "failed" and t >= 1:
                     raise Conflict(
                         f"iteration {t} of run {run_id!r} is {st.status}; "
                         f"resume it with POST /runs/{run_id}/iterations/{t}/resume"
@@ -315,9 +329,8 @@ def create_app(
             raise HTTPException(404, f"iteration {t} of run {run_id!r} was never started")
         if plan.iteration_done(layout, t, config.variant):
             raise Conflict(f"iteration {t} of run {run_id!r} is done")
-        if run_status.chain_status(store, conn, run_id, t)[0] in ("queued", "running"):
+        if run_status.chain_status(store, conn, run_id, t)[0] in LIVE:
             raise Conflict(f"iteration {t} of run {run_id!r} is still running")
-        store.set_cancelled(run_id, False)
         with store.lock(run_id):
             state = enqueue_iteration(conn, store, run_id, t)
         return IterationStarted(
@@ -329,13 +342,44 @@ def create_app(
         """Stage states, progress, counts and metrics of iteration t (0 = set-up)."""
         return run_status.iteration_detail(store, conn, run_id, t)
 
+    @app.get(
+        "/runs/{run_id}/iterations/{t}/stages/{stage}/log",
+        dependencies=read,
+        response_class=PlainTextResponse,
+        responses={**RUN_ERRORS, 404: {"description": "no such run, stage or attempt log"}},
+    )
+    def stage_log(
+        run_id: str,
+        t: int,
+        stage: str,
+        attempt: int | None = Query(None, ge=1, description="default: the last attempt"),
+        tail: int | None = Query(None, ge=0, le=100_000, description="only the last lines"),
+    ) -> PlainTextResponse:
+        """What the worker printed for one attempt of a stage (runs/<run>/logs/iter-<t>/)."""
+        config, layout = layout_of(run_id)
+        names = {s.name for s in plan.stages_of(t, config.variant)} if t >= 0 else set()
+        if stage not in names:
+            raise HTTPException(404, f"iteration {t} of run {run_id!r} has no stage {stage!r}")
+        logs = attempt_logs(layout.stage_log(t, stage, 1).parent, stage)
+        number = attempt if attempt is not None else max(logs, default=1)
+        if number not in logs:
+            raise HTTPException(404, f"no log of attempt {number} of {stage} in iteration {t}")
+        return PlainTextResponse(read_log(logs[number], tail))
+
     @app.post("/runs/{run_id}/cancel", dependencies=[Depends(authorize)], responses=RUN_ERRORS)
     def cancel(run_id: str) -> dict[str, Any]:
+        """Stop the live iteration's queued and running stage jobs (a running one is stopped,
+        what it wrote stays) and mark that iteration cancelled. Nothing else changes: finished
+        iterations stay done, and a later start or resume continues the cancelled iteration."""
         layout_of(run_id)
-        store.set_cancelled(run_id, True)
-        for t in store.iterations(run_id):
-            cancel_iteration(conn, store, run_id, t)
-        return run_status.run_summary(store, conn, run_id)
+        cancelled = []
+        with store.lock(run_id):
+            for t in store.iterations(run_id):
+                st = store.iteration(run_id, t)
+                if st is not None and run_status.chain_status(store, conn, run_id, t)[0] in LIVE:
+                    cancel_iteration(conn, store, run_id, t)
+                    cancelled.append(t)
+        return {**run_status.run_summary(store, conn, run_id), "cancelled_iterations": cancelled}
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document, with the RunConfig schema for POST /runs' body."""

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from rq.utils import utcparse
+from rq.worker import Worker
 
 from selfreward.drivers.state import RunNotFound, RunStore
+from selfreward.drivers.worker import LOST_AFTER_S
 from selfreward.stages import plan
 from selfreward.storage import RunLayout, read_manifest
 
@@ -30,6 +34,14 @@ _BULKY = {"config", "inputs", "outputs"}
 def _status(job: Job) -> str:
     status = job.get_status(refresh=True)
     return str(getattr(status, "value", status))
+
+
+def worker_heartbeat(conn: redis.Redis, name: str) -> float | None:
+    """The unix time of worker `name`'s last heartbeat; None when its key expired (or never was)."""
+    raw = conn.hget(Worker.redis_worker_namespace_prefix + name, "last_heartbeat")
+    if not raw:
+        return None
+    return utcparse(raw.decode()).timestamp()
 
 
 def _job_for(store: RunStore, run_id: str, t: int, stage: str) -> str | None:
@@ -68,10 +80,21 @@ def stage_states(
                     entry["retries_left"] = job.retries_left
                 if "progress" in job.meta:
                     entry["progress"] = job.meta["progress"]
+                if entry["state"] == "running" and job.worker_name:
+                    entry["worker"] = job.worker_name
+                    beat = worker_heartbeat(conn, job.worker_name)
+                    entry["last_heartbeat"] = beat
+                    if beat is None or time.time() - beat > LOST_AFTER_S:
+                        # the worker stopped sending heartbeats: RQ retries the job once its
+                        # registry entry expires (docs/api.md, "When a worker is lost")
+                        entry["state"] = "worker_lost"
                 if entry["state"] == "failed":
                     result = job.latest_result()
                     if result is not None and result.exc_string:
                         entry["error"] = result.exc_string.strip().splitlines()[-1][:2000]
+        attempts = store.attempts(run_id, t, stage)
+        if attempts:
+            entry["attempts"] = attempts
         if manifest is not None:
             entry["state"] = "done"
             entry["counts"] = {k: v for k, v in manifest.items() if k not in _BULKY}
@@ -123,6 +146,9 @@ def iteration_detail(store: RunStore, conn: redis.Redis, run_id: str, t: int) ->
             if s["stage"] == failed_stage and s["state"] in ("queued", "running", "retrying"):
                 s["state"] = "failed"
                 s.setdefault("error", error)
+    lost = [s for s in stages if s["state"] == "worker_lost"]
+    if status == "running" and lost:
+        status = "worker_lost"
     if status in ("failed", "cancelled"):
         for s in stages:  # jobs waiting on a failed or cancelled stage will not run
             if s["state"] in ("queued", "waiting", "retrying"):
@@ -176,7 +202,6 @@ def run_summary(store: RunStore, conn: redis.Redis, run_id: str, brief: bool = F
         "variant": config.variant,
         "base_model": config.model.base,
         "created_at": meta["created_at"],
-        "cancelled": meta["cancelled"],
         "completed_iterations": max(0, plan.completed_iterations(layout, config.variant)),
         "iterations": iterations,
         "artifacts": str(layout.run_dir),

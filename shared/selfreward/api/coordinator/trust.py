@@ -176,7 +176,7 @@ class Deployment:
                 url,
                 "not an endpoint this deployment allows (SELFREWARD_ALLOWED_GEMINI_BASE_URLS)",
             )
-        for field, value in self._paths(config):
+        for field, value in self.paths_named(config):
             if self._deployments_own(config, field):  # e.g. the model folder it mounts
                 continue
             if not self.path_allowed(value):
@@ -189,7 +189,7 @@ class Deployment:
         return field in self.deployment_set and _get(config, field) == _get(self.defaults, field)
 
     @staticmethod
-    def _paths(config: RunConfig) -> list[tuple[tuple[str, ...], str | Path]]:
+    def paths_named(config: RunConfig) -> list[tuple[tuple[str, ...], str | Path]]:
         """The file paths `config` names (built-in names and hub ids are not paths)."""
         from selfreward.policy.prepare import BUILTIN_MODELS, HUB_ID
 
