@@ -21,6 +21,9 @@ from selfreward.testing.servers import background, free_port, wait_http
 from selfreward.testing.tiny_run import tiny_run_config
 
 TOKEN = "s3cret"
+# the tiny random judge gives one score to every answer (a collapse): the test's later
+# iterations start anyway
+ON_COLLAPSE = {"continue_on_collapse": True}
 SELFREWARD = [sys.executable, "-m", "selfreward.cli.main"]
 QUEUES = ["--queue", "generate", "--queue", "judge", "--queue", "train", "--queue", "evaluate"]
 
@@ -159,21 +162,29 @@ def test_rest_session_iteration_restart_and_idempotent_start(
             assert "/runs/{run_id}/iterations" in anon.get("/openapi.json").json()["paths"]
             # mutating routes need the token
             assert (
-                anon.post("/runs", json=run_body("r1", tiny_model_dir, policy_server.url)).status_code == 401
+                anon.post(
+                    "/runs", json=run_body("r1", tiny_model_dir, policy_server.url, eval=ON_COLLAPSE)
+                ).status_code
+                == 401
             )
         with c.client() as api:
             bad = api.post("/runs", json={"name": "x", "dpo": {"beta": -1, "betta": 2}, "variant": "nope"})
             assert bad.status_code == 422
             fields = {d["field"] for d in bad.json()["detail"]}
             assert {"dpo.beta", "dpo.betta", "variant"} <= fields
-            created = api.post("/runs", json=run_body("r1", tiny_model_dir, policy_server.url))
+            created = api.post(
+                "/runs", json=run_body("r1", tiny_model_dir, policy_server.url, eval=ON_COLLAPSE)
+            )
             assert created.status_code == 201, created.text
             # the deployment's SELFREWARD_* overrides apply to posted configs
             assert created.json()["config"]["artifact_root"] == str(tmp_path / "artifacts")
             assert (
-                api.post("/runs", json=run_body("r1", tiny_model_dir, policy_server.url)).status_code == 200
+                api.post(
+                    "/runs", json=run_body("r1", tiny_model_dir, policy_server.url, eval=ON_COLLAPSE)
+                ).status_code
+                == 200
             )
-            other = run_body("r1", tiny_model_dir, policy_server.url, seed=99)
+            other = run_body("r1", tiny_model_dir, policy_server.url, eval=ON_COLLAPSE, seed=99)
             assert api.post("/runs", json=other).status_code == 409
             started = api.post("/runs/r1/iterations")
             assert started.status_code == 202, started.text
@@ -182,7 +193,10 @@ def test_rest_session_iteration_restart_and_idempotent_start(
             assert api.get("/runs/nope").status_code == 404
         # workers on other "hosts": stage jobs are picked up from the queues
         c.start_worker(1)
-        c.wait_iteration("r1", 0, ("done",), 300)
+        setup = c.wait_iteration("r1", 0, ("done",), 300)
+        sft = {s["stage"]: s for s in setup["stages"]}["sft"]  # its progress ends at its last step and loss
+        assert sft["progress"]["done"] == sft["counts"]["steps"], sft
+        assert sft["progress"]["loss"] == pytest.approx(sft["counts"]["metrics"]["last_loss"]), sft
         # the coordinator dies mid-iteration; a new one shows the same state and the work goes on
         with c.client() as api:
             before = api.get("/runs/r1").json()

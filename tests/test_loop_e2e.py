@@ -170,6 +170,89 @@ def test_teacher_demo_with_gemini_fake(
     assert read_manifest(out["run"] / "iter-1" / "judgments.manifest.json")["skipped"]
 
 
+@pytest.mark.timeout(900)
+def test_spin_two_iterations_pair_human_answers_against_the_model(
+    tmp_path: Path, tiny_model_dir: Path, policy_server
+) -> None:
+    """spin end to end on the tiny model (embedded): prompts from the seed IFT split without
+    repeats across iterations, no judge, chosen = the human answer, rejected = M(t)'s."""
+    config = tiny_config(
+        tmp_path / "s",
+        "spin",
+        tiny_model_dir,
+        policy_server.url,
+        variant="spin",
+        iterations=2,
+        prompts={"source": "seed-ift", "num_prompts": 3},
+    )
+    run_cli(config, policy_server.url)
+    out = check_run(tmp_path / "s", "spin", "spin")
+    run = out["run"]
+    human = {r["id"]: r["response"] for r in load_jsonl(run / "seed" / "ift.jsonl")}
+    used = []
+    for t in (1, 2):
+        prompts = load_jsonl(run / f"iter-{t}" / "prompts.jsonl")
+        assert len(prompts) == 3 and all(p["source"] == "seed-ift" for p in prompts)
+        used.append({p["provenance"]["ift_id"] for p in prompts})
+        assert read_manifest(run / f"iter-{t}" / "judgments.manifest.json")["skipped"]
+        pairs = load_jsonl(run / f"iter-{t}" / "pairs.jsonl")
+        cands = {c["id"]: c for c in load_jsonl(run / f"iter-{t}" / "candidates.jsonl")}
+        assert len(cands) == 3  # one answer per prompt
+        for p in pairs:
+            assert p["kind"] == "spin"
+            assert p["chosen"][0]["content"] == human[p["chosen_id"].removeprefix("human:")]
+            assert p["rejected"][0]["content"] == cands[p["rejected_id"]]["text"]
+        manifest = read_manifest(run / f"iter-{t}" / "pairs.manifest.json")
+        assert manifest["pairs"] + sum(manifest["dropped_by_reason"].values()) == 3
+    assert not used[0] & used[1]  # no prompt repeats while the split lasts
+    m3 = json.loads((run / "models" / "m3" / "manifest.json").read_text())
+    assert m3["parent"]["name"] == "m2" and m3["data"]["by_kind"]["spin"]["examples"] >= 1
+    # the same set-up with self-reward, one iteration: `selfreward compare` lines them up
+    other = tiny_config(tmp_path / "s", "self", tiny_model_dir, policy_server.url)
+    run_cli(other, policy_server.url)
+    root = str(tmp_path / "s")
+    compared = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "spin",
+            "self",
+            "--root",
+            root,
+            "--html",
+            f"{root}/compare.html",
+            "--json",
+            f"{root}/c.json",
+        ],
+        env={"COLUMNS": "400"},
+    )
+    assert compared.exit_code == 0, compared.output
+    data = json.loads((tmp_path / "s" / "c.json").read_text())
+    assert [(r["run"], r["variant"], len(r["iterations"])) for r in data["runs"]] == [
+        ("spin", "spin", 2),
+        ("self", "self-reward", 1),
+    ]
+    # same config but the method's own fields, and SFT on CPU is deterministic: the same M1
+    assert data["config_differences"] == [] and data["comparable"], data["not_comparable_because"]
+    first = data["runs"][0]["iterations"][0]
+    report = json.loads((run / "eval" / "iter-1" / "report.json").read_text())
+    assert first["win_rate_vs_fixed"] == report["head2head_fixed"]["win_rate"]
+    assert first["pairs_by_kind"] == read_manifest(run / "iter-1" / "pairs.manifest.json")["pairs_by_kind"]
+    assert set(first["seconds"]) == {
+        "prompts",
+        "candidates",
+        "judgments",
+        "pairs",
+        "train",
+        "publish",
+        "evaluate",
+    }
+    assert data["runs"][1]["iterations"][0]["pairs_by_kind"].keys() <= {"actor"}
+    page = (tmp_path / "s" / "compare.html").read_text()
+    assert "Runs compared: spin, self" in page and "not comparable" not in page.lower()
+    assert "win vs fixed" in compared.output
+
+
 META = {
     "variant": "meta-reward",
     "iterations": 2,

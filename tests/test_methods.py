@@ -25,7 +25,7 @@ GOLDEN = Path(__file__).parent / "data" / "pairs-golden"
 
 
 def test_the_registry_names_every_method_and_refuses_unknown_ones() -> None:
-    assert list(METHODS) == ["self-reward", "teacher-reward", "teacher-demo", "meta-reward"]
+    assert list(METHODS) == ["self-reward", "teacher-reward", "teacher-demo", "meta-reward", "spin"]
     for m in METHODS.values():
         assert m.summary and m.paper and m.stages[0] == "prompts" and m.stages[-1] == "evaluate"
     assert "meta_judgments" in METHODS["meta-reward"].stages
@@ -39,6 +39,9 @@ def test_the_registry_names_every_method_and_refuses_unknown_ones() -> None:
         RunConfig(variant="meta-reward", judge={"mode": "logprob"})
     assert RunConfig(variant="teacher-reward", teacher={"backend": "gemini:g"}).feedback_judge() == "gemini:g"
     assert RunConfig(variant="teacher-demo", teacher={"backend": "gemini:g"}).feedback_judge() is None
+    with pytest.raises(ValueError, match="variant 'spin' needs the seed IFT prompts"):
+        RunConfig(variant="spin")
+    assert RunConfig(variant="spin", prompts={"source": "seed-ift"}).feedback_judge() is None
 
 
 # ---------------------------------------------------------------- the old variants, unchanged
@@ -232,3 +235,104 @@ def test_mixing_keeps_judge_pairs_to_their_fraction() -> None:
     assert mix(actor, judge, 0.1, seed=7)[0] == mixed  # seeded: the same choice
     assert mix(actor, judge, 0.0, seed=7) == (actor, 10)
     assert [p["kind"] for p in mix(actor[:4], judge, 0.5, seed=7)[0]].count("judge") == 4  # at most half
+
+
+# ---------------------------------------------------------------- spin
+
+
+def _ift(n: int) -> list[Any]:
+    from selfreward.schemas import IFTRecord
+
+    return [
+        IFTRecord(id=f"r{i:02d}", tree_id=f"t{i}", prompt=f"question {i}", response=f"answer {i}")
+        for i in range(n)
+    ]
+
+
+def test_spin_samples_the_seed_split_without_repeats_until_it_is_exhausted() -> None:
+    from selfreward.stages.prompts import sample_seed_prompts
+
+    ift = _ift(10)
+    first, exhausted = sample_seed_prompts(ift, set(), 4, run_seed=3, t=1)
+    assert not exhausted and len({r.id for r in first}) == 4
+    assert (
+        first == sample_seed_prompts(list(reversed(ift)), set(), 4, run_seed=3, t=1)[0]
+    )  # seeded, order-free
+    assert first != sample_seed_prompts(ift, set(), 4, run_seed=4, t=1)[0]
+    used = {r.provenance["ift_id"] for r in first}
+    second, exhausted = sample_seed_prompts(ift, used, 4, run_seed=3, t=2)
+    assert not exhausted and not used & {r.provenance["ift_id"] for r in second}
+    used |= {r.provenance["ift_id"] for r in second}
+    third, exhausted = sample_seed_prompts(ift, used, 4, run_seed=3, t=3)
+    ids = [r.provenance["ift_id"] for r in third]
+    assert exhausted and len(set(ids)) == 4
+    assert set(ids[:2]) == {r.id for r in ift} - used  # the two left first, then a new pass
+    assert all(
+        r.source == "seed-ift" and r.prompt == f"question {int(r.provenance['ift_id'][1:])}" for r in third
+    )
+
+
+def test_spin_pairs_the_human_answer_over_the_models_and_drops_identical_ones() -> None:
+    from selfreward.schemas import PromptRecord
+    from selfreward.stages.pairs import human_pairs
+
+    prompts = [
+        PromptRecord(id=f"ift-r{i}", prompt=f"q{i}", source="seed-ift", provenance={"ift_id": f"r{i}"})
+        for i in range(5)
+    ]
+    human = {"r0": "The human answer.", "r1": "Same  text\n", "r2": "human two", "r3": "  "}
+    cands = [
+        CandidateRecord(
+            id=candidate_id("ift-r0", 0),
+            prompt_id="ift-r0",
+            prompt="q0",
+            index=0,
+            text="model zero",
+            model="m1",
+        ),
+        CandidateRecord(
+            id=candidate_id("ift-r1", 0),
+            prompt_id="ift-r1",
+            prompt="q1",
+            index=0,
+            text="Same text",
+            model="m1",
+        ),
+        CandidateRecord(
+            id=candidate_id("ift-r3", 0), prompt_id="ift-r3", prompt="q3", index=0, text="m three", model="m1"
+        ),
+        CandidateRecord(
+            id=candidate_id("ift-r4", 0), prompt_id="ift-r4", prompt="q4", index=0, text="m four", model="m1"
+        ),
+    ]
+    pairs, report = human_pairs(prompts, cands, human)
+    assert [p["prompt_id"] for p in pairs] == ["ift-r0"]
+    (p,) = pairs
+    assert p["chosen"] == [{"role": "assistant", "content": "The human answer."}]
+    assert p["rejected"] == [{"role": "assistant", "content": "model zero"}]
+    assert (
+        p["kind"] == "spin" and p["chosen_id"] == "human:r0" and p["rejected_id"] == candidate_id("ift-r0", 0)
+    )
+    assert report["dropped"] == {
+        "empty_answer": 1,  # r3: the human answer is blank
+        "identical_to_human": 1,  # r1: equal up to whitespace
+        "missing_answer": 1,  # r2: M(t) wrote nothing for it
+        "no_human_answer": 1,  # r4
+    }
+    assert with_kinds(pairs, report)["pairs_by_kind"] == {"spin": 1}
+
+
+def test_compare_flags_runs_that_differ_beyond_the_method() -> None:
+    from selfreward.reports.compare import RunSummary, config_differences
+
+    def run(name: str, **over: Any) -> RunSummary:
+        config = RunConfig(name=name, **over)
+        return RunSummary(name, config.variant, config)
+
+    spin = run("a", variant="spin", prompts={"source": "seed-ift"}, services={"policy_url": "http://x:1"})
+    same = run("b", variant="self-reward", iterations=3, artifact_root="/elsewhere")
+    assert config_differences([spin, same]) == []  # the method's fields, the deployment's, the count
+    other = run("c", variant="self-reward", dpo={"beta": 0.5}, prompts={"num_prompts": 7})
+    diffs = config_differences([spin, same, other])
+    assert [d["field"] for d in diffs] == ["dpo.beta", "prompts.num_prompts"]
+    assert diffs[0]["values"] == {"a": 0.1, "b": 0.1, "c": 0.5}

@@ -95,7 +95,11 @@ class DataConfig(StrictModel):
 
 
 class PromptsConfig(StrictModel):
-    source: Literal["self-instruct", "file"] = "self-instruct"
+    source: Literal["self-instruct", "file", "seed-ift"] = Field(
+        "self-instruct",
+        description="self-instruct: M(t) writes new prompts; file: prompts.file; seed-ift: sampled from "
+        "the seed IFT split, seeded, without repeats across iterations until the split is exhausted (spin)",
+    )
     file: Path | None = None
     model: str | None = Field(None, description="served model writing prompts; default M(t)")
     num_prompts: int = Field(32, ge=1)

@@ -39,10 +39,10 @@ def term_with_parent() -> None:
     die_with_parent(signal.SIGTERM)
 
 
-def children_die_with_their_parent() -> None:
+def children_die_with_their_parent(signum: int = signal.SIGKILL) -> None:
     """From now on every process forked from this one, and from its children (the hook is
-    inherited through fork), gets SIGKILL when the process that forked it dies."""
+    inherited through fork), gets `signum` when the process that forked it dies."""
     os.register_at_fork(
         before=lambda: _forking.__setitem__(0, os.getpid()),
-        after_in_child=lambda: die_with_parent(signal.SIGKILL, _forking[0]),
+        after_in_child=lambda: die_with_parent(signum, _forking[0]),
     )

@@ -79,7 +79,7 @@ class EFTEvalRecord(Record):
 class PromptRecord(Record):
     id: str
     prompt: str
-    source: Literal["self-instruct", "file", "ift"] = "self-instruct"
+    source: Literal["self-instruct", "file", "ift", "seed-ift"] = "self-instruct"
     provenance: dict[str, Any] = {}
 
 

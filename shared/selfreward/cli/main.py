@@ -11,6 +11,7 @@ import typer
 
 from selfreward import __version__
 from selfreward.cli import (
+    compare_cmd,
     config_cmd,
     data_cmd,
     eval_cmd,
@@ -44,6 +45,7 @@ app.command("report")(report_cmd.report)
 app.command("run")(run_cmd.run)
 app.command("methods")(methods_cmd.methods)
 app.command("logs")(logs_cmd.logs)
+app.command("compare")(compare_cmd.compare)
 app.add_typer(train_cmd.app, name="train")
 app.add_typer(train_cmd.worker_app, name="worker")
 

@@ -20,18 +20,20 @@ A lost worker is noticed by RQ's own mechanisms, with shorter intervals than RQ'
 its horse works and each heartbeat keeps the job's entry in the started registry alive for
 `JOB_TTL_S`; every worker cleans the registries of its queues every `MAINTENANCE_S` (RQ's
 default is 10 minutes), which retries (or fails) a job whose entry expired. Children die with
-their worker: the horse and RQ's scheduler child get SIGKILL from the kernel when the worker
-process dies (Linux `PR_SET_PDEATHSIG`), so no orphan finishes a job nobody watches or keeps
-the queue's scheduler lock; the lock expires 61 s after its holder's last refresh and a new
-worker's maintenance pass takes the scheduler over.
+their worker (Linux `PR_SET_PDEATHSIG`), so no orphan finishes a job nobody watches or keeps
+the queue's scheduler lock: the horse gets SIGKILL; RQ's scheduler child gets SIGTERM, stops and
+releases its lock, so a new worker takes the scheduler over when it starts (where the lock
+holder vanished with its host, the lock expires 61 s after its last refresh and a worker's
+maintenance pass takes over).
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 from typing import Any
 
-from selfreward.processes import children_die_with_their_parent
+from selfreward.processes import children_die_with_their_parent, die_with_parent
 from selfreward.stages.stage import QUEUES
 
 TRAIN_PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "selfreward.training.trainers")
@@ -47,6 +49,12 @@ def stage_worker_class() -> type[Any]:
     from rq import Worker
 
     class StageWorker(Worker):
+        def setup_work_horse_signals(self) -> None:
+            # runs in the work-horse: it dies at once with its worker, whatever its job's code
+            # does with SIGTERM (the fork hook gave every child SIGTERM, for the scheduler)
+            super().setup_work_horse_signals()
+            die_with_parent(signal.SIGKILL)
+
         def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
             if job.timeout and job.timeout > 0:
                 remaining = job.timeout - working_time
@@ -77,7 +85,9 @@ def start_worker(
         for module in TRAIN_PRELOAD:
             importlib.import_module(module)
     connection = Redis.from_url(redis_url)
-    children_die_with_their_parent()
+    # SIGTERM: RQ's scheduler child then stops cleanly and releases the queue's scheduler lock,
+    # so a new worker takes the scheduler over at once; the work-horse re-arms it as SIGKILL
+    children_die_with_their_parent(signal.SIGTERM)
     from selfreward.drivers.rq import on_horse_killed
 
     worker = stage_worker_class()(

@@ -172,4 +172,5 @@ METHOD = Method(
     feedback_judge=lambda config: "policy:self",
     stages=STAGES,
     rules=needs_sampled_judgments,
+    config_fields=("meta", "judge.samples", "judge.mode"),
 )

@@ -46,6 +46,9 @@ class Method:
     samples: Callable[[RunConfig], int] = lambda config: config.candidates.n
     teacher_answers: bool = False  # the candidates stage asks the teacher for one answer too
     rules: Callable[[RunConfig], list[str]] = no_rules  # what this method needs of a config
+    # the config fields (dotted, or whole sections) that are the method's own: runs that differ
+    # only in the method and these are comparable (`selfreward compare`)
+    config_fields: tuple[str, ...] = ()
 
 
 def with_kinds(rows: list[dict[str, Any]], report: dict[str, Any]) -> dict[str, Any]:

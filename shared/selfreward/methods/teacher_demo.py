@@ -20,4 +20,5 @@ METHOD = Method(
     samples=lambda config: 1,
     teacher_answers=True,
     rules=needs_teacher,
+    config_fields=("teacher",),
 )

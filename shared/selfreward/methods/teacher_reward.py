@@ -22,4 +22,5 @@ METHOD = Method(
     build_pairs=scored_pairs,
     feedback_judge=lambda config: config.teacher.backend,
     rules=needs_teacher,
+    config_fields=("teacher",),
 )

@@ -13,6 +13,9 @@ rho = `pairs.length_rho`. The pair is dropped as a tie when chosen - rejected <=
 (with the default 0, only equal scores are ties).
 Prompts with fewer than two scored candidates are dropped and counted.
 
+SPIN (`kind: spin`): chosen = the human answer of a seed IFT prompt, rejected = M(t)'s sample
+with index 0; answers equal to the human one are dropped as `identical_to_human`.
+
 teacher-demo (`kind: demonstration`): chosen = the teacher's answer, rejected = the student's
 sample with index 0 (the student writes one sample in this method). Empty answers are dropped
 and counted.
@@ -32,7 +35,14 @@ from typing import Any
 from pydantic import Field
 
 from selfreward.errors import EmptyResultError
-from selfreward.schemas import CandidateRecord, JudgmentRecord, PairRecord, read_records
+from selfreward.schemas import (
+    CandidateRecord,
+    IFTRecord,
+    JudgmentRecord,
+    PairRecord,
+    PromptRecord,
+    read_records,
+)
 from selfreward.stages.stage import Stage, StageContext, StageResult, never
 from selfreward.storage import write_jsonl_atomic
 
@@ -178,6 +188,61 @@ def demonstration_pairs(candidates: list[CandidateRecord]) -> tuple[list[dict[st
         "dropped": dict(sorted(dropped.items())),
     }
     return pairs, report
+
+
+def human_pairs(
+    prompts: list[PromptRecord], candidates: list[CandidateRecord], human: dict[str, str]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """SPIN's pairs (Chen et al. 2024): per prompt of the seed IFT split, chosen = the human
+    answer (`human`: IFT id -> response), rejected = M(t)'s sample with index 0. A pair whose
+    model answer equals the human one (whitespace aside) is dropped as `identical_to_human`;
+    empty answers and prompts without an answer are dropped and counted."""
+    student = {c.prompt_id: c for c in candidates if c.index == 0 and not c.teacher}
+    pairs: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
+    for p in sorted(prompts, key=lambda r: r.id):
+        answer = human.get(str(p.provenance.get("ift_id")))
+        s = student.get(p.id)
+        if answer is None:
+            dropped["no_human_answer"] += 1
+            continue
+        if s is None:
+            dropped["missing_answer"] += 1
+            continue
+        if not answer.strip() or not s.text.strip():
+            dropped["empty_answer"] += 1
+            continue
+        if " ".join(answer.split()) == " ".join(s.text.split()):
+            dropped["identical_to_human"] += 1
+            continue
+        pairs.append(
+            PairRecord(
+                prompt_id=p.id,
+                prompt=_messages("user", p.prompt),
+                chosen=_messages("assistant", answer),
+                rejected=_messages("assistant", s.text),
+                chosen_id=f"human:{p.provenance.get('ift_id')}",
+                rejected_id=s.id,
+                kind="spin",
+            ).model_dump(mode="json")
+        )
+    report = {
+        "prompts": len(prompts),
+        "candidates": len(candidates),
+        "pairs": len(pairs),
+        "dropped": dict(sorted(dropped.items())),
+    }
+    return pairs, report
+
+
+def human_pairs_of(ctx: StageContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The pair builder of SPIN: the iteration's prompts and samples against the seed IFT split."""
+    ift = read_records(ctx.layout.seed_dir / "ift.jsonl", IFTRecord)
+    return human_pairs(
+        read_records(ctx.file("prompts"), PromptRecord),
+        read_records(ctx.file("candidates"), CandidateRecord),
+        {r.id: r.response for r in ift},
+    )
 
 
 def mean_lengths(rows: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -234,11 +234,36 @@ def _prompt_record(rec: dict[str, Any]) -> dict[str, Any]:
     ).model_dump()
 
 
+def sample_seed_prompts(
+    ift: list[IFTRecord], used: set[str], n: int, run_seed: int, t: int
+) -> tuple[list[PromptRecord], bool]:
+    """n prompts of the seed IFT split for iteration t (SPIN): a seeded sample of the records no
+    earlier iteration used (`used`: their IFT ids); once those run out, a new pass over the split
+    fills the rest. Returns the records and whether the split was exhausted."""
+    rng = random.Random(derived_seed(run_seed, t, "seed-ift"))
+    ordered = sorted(ift, key=lambda r: r.id)
+    fresh = [r for r in ordered if r.id not in used]
+    rng.shuffle(fresh)
+    picked = fresh[:n]
+    exhausted = len(picked) < n
+    if exhausted:
+        taken = {r.id for r in picked}
+        rest = [r for r in ordered if r.id not in taken]
+        rng.shuffle(rest)
+        picked += rest[: n - len(picked)]
+    records = [
+        PromptRecord(id=f"ift-{r.id}", prompt=r.prompt, source="seed-ift", provenance={"ift_id": r.id})
+        for r in picked
+    ]
+    return records, exhausted
+
+
 class PromptsResult(StageResult):
     prompts: int
     source: str
     attempts: int | None = None
     rejected: dict[str, int] | None = None
+    split_exhausted: bool | None = None
 
     def summary(self) -> str:
         return f"prompts={self.prompts} attempts={self.attempts} rejected={self.rejected or {}}"
@@ -252,6 +277,17 @@ async def run(ctx: StageContext) -> PromptsResult:
         write_jsonl_atomic(ctx.file("prompts"), [r.model_dump() for r in records])
         return PromptsResult(prompts=len(records), source="file", file=str(cfg.file))
     ift = read_records(ctx.layout.seed_dir / "ift.jsonl", IFTRecord)
+    if cfg.source == "seed-ift":
+        used: set[str] = set()
+        for tt in range(1, ctx.t):
+            path = ctx.layout.stage_file(tt, "prompts")
+            if path.is_file():
+                used |= {str(r.provenance.get("ift_id")) for r in read_records(path, PromptRecord)}
+        records, exhausted = sample_seed_prompts(ift, used, cfg.num_prompts, ctx.config.seed, ctx.t)
+        if not records:
+            raise EmptyResultError(f"{ctx.layout.seed_dir / 'ift.jsonl'}: the seed IFT split is empty")
+        write_jsonl_atomic(ctx.file("prompts"), [r.model_dump() for r in records])
+        return PromptsResult(prompts=len(records), source="seed-ift", split_exhausted=exhausted)
     seed_examples = [Example(r.id, r.prompt) for r in ift]
     earlier = []
     for tt in range(1, ctx.t):
@@ -280,5 +316,5 @@ STAGE = Stage(
     run=run,
     queue="generate",
     result=PromptsResult,
-    description="new prompts by self-instruct with M(t), or a prompt file",
+    description="new prompts by self-instruct with M(t), a prompt file, or the seed IFT split",
 )
