@@ -314,11 +314,12 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
 
 
 @pytest.mark.timeout(900)
-def test_rest_meta_reward_iteration(
+def test_rest_meta_reward_and_spin_iterations(
     tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
 ) -> None:
     """meta-reward through the coordinator and RQ workers: the meta_judgments stage runs on the
-    judge queue and the pairs stage records both kinds of pairs by its rules."""
+    judge queue and the pairs stage records both kinds of pairs by its rules; then spin through
+    the same cluster: no judge, the seed's human answers chosen."""
     body = run_body(
         "meta",
         tiny_model_dir,
@@ -349,3 +350,19 @@ def test_rest_meta_reward_iteration(
             tmp_path / "artifacts" / "runs" / "meta" / "iter-1" / "meta_judgments.manifest.json"
         )
         assert meta["candidates"] == judged and meta["battles"] == judged  # 2 judgments: 1 battle each
+        spin = run_body(
+            "spin", tiny_model_dir, policy_server.url, variant="spin", prompts={"source": "seed-ift"}
+        )
+        with c.client() as api:
+            assert api.post("/runs", json=spin).status_code == 201
+            assert api.post("/runs/spin/iterations").status_code == 202
+        detail = c.wait_iteration("spin", 1, ("done", "failed"), 600)
+        assert detail["status"] == "done", (detail.get("failed_stage"), detail.get("error"))
+        stages = {s["stage"]: s for s in detail["stages"]}
+        assert stages["judgments"]["counts"]["skipped"]
+        feedback = detail["feedback"]
+        assert feedback["pairs"] >= 1 and feedback["pairs_by_kind"] == {"spin": feedback["pairs"]}
+        run = tmp_path / "artifacts" / "runs" / "spin"
+        human = {r["id"]: r["response"] for r in load_jsonl(run / "seed" / "ift.jsonl")}
+        for p in load_jsonl(run / "iter-1" / "pairs.jsonl"):
+            assert p["chosen"][0]["content"] == human[p["chosen_id"].removeprefix("human:")]
