@@ -249,49 +249,29 @@ def _up(
     started(service, 30)
     env["REDIS_URL"] = stack.redis_url
 
+    def server(name: str, args: list[str], health: str, service_env: Mapping[str, str]) -> Service:
+        """A selfreward HTTP server on a free loopback port (`args` after `selfreward`)."""
+        port = _free_port()
+        cmd = [*SELFREWARD, *args, "--host", "127.0.0.1", "--port", str(port)]
+        service = _start(name, cmd, folder, service_env)
+        service.url = f"http://127.0.0.1:{port}"
+        service.health = f"{service.url}{health}"
+        return service
+
     # the policy server (vLLM), unless one is given
     if policy_url is None:
-        port = _free_port()
-        cmd = [
-            *SELFREWARD,
-            "policy",
-            "serve",
-            "--config",
-            str(config_path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        service = _start("policy", cmd, folder, env)
-        service.url = f"http://127.0.0.1:{port}"
-        service.health = f"{service.url}/v1/models"
+        service = server("policy", ["policy", "serve", "--config", str(config_path)], "/v1/models", env)
         say(f"policy server starting ({config.model.base}; vLLM takes a minute or more on CPU)")
         started(service, policy_timeout_s)
-        policy_url = service.url
+        policy_url = service.url or ""
     policy_url = policy_url.rstrip("/")
 
     # the judge service
-    port = _free_port()
-    cmd = [
-        *SELFREWARD,
-        "serve",
-        "judge",
-        "--config",
-        str(config_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    service = _start("judge", cmd, folder, {**env, "POLICY_URL": policy_url})
-    service.url = f"http://127.0.0.1:{port}"
-    service.health = f"{service.url}/healthz"
-    started(service, 120)
+    judge_args = ["serve", "judge", "--config", str(config_path)]
+    started(server("judge", judge_args, "/healthz", {**env, "POLICY_URL": policy_url}), 120)
 
     # the coordinator: runs posted to it use this policy server and this judge service, and may
     # name files under the config's folder, the artifact root and DIR
-    port = _free_port()
     coord_env = {
         **env,
         "SELFREWARD_API_TOKEN": stack.token,
@@ -307,11 +287,7 @@ def _up(
             ]
         ),
     }
-    cmd = [*SELFREWARD, "serve", "coordinator", "--host", "127.0.0.1", "--port", str(port)]
-    service = _start("coordinator", cmd, folder, coord_env)
-    service.url = f"http://127.0.0.1:{port}"
-    service.health = f"{service.url}/healthz"
-    started(service, 120)
+    started(server("coordinator", ["serve", "coordinator"], "/healthz", coord_env), 120)
 
     # stage workers for every queue
     for name, queues in WORKER_QUEUES.items():

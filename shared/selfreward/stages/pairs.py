@@ -181,13 +181,19 @@ def demonstration_pairs(candidates: list[CandidateRecord]) -> tuple[list[dict[st
                 kind="demonstration",
             ).model_dump(mode="json")
         )
-    report = {
-        "prompts": len(prompts),
+    return pairs, _pairs_report(len(prompts), candidates, pairs, dropped)
+
+
+def _pairs_report(
+    prompts: int, candidates: list[CandidateRecord], pairs: list[dict[str, Any]], dropped: Counter[str]
+) -> dict[str, Any]:
+    """The report of the answer-pair builders (teacher demonstrations, SPIN)."""
+    return {
+        "prompts": prompts,
         "candidates": len(candidates),
         "pairs": len(pairs),
         "dropped": dict(sorted(dropped.items())),
     }
-    return pairs, report
 
 
 def human_pairs(
@@ -226,13 +232,7 @@ def human_pairs(
                 kind="spin",
             ).model_dump(mode="json")
         )
-    report = {
-        "prompts": len(prompts),
-        "candidates": len(candidates),
-        "pairs": len(pairs),
-        "dropped": dict(sorted(dropped.items())),
-    }
-    return pairs, report
+    return pairs, _pairs_report(len(prompts), candidates, pairs, dropped)
 
 
 def human_pairs_of(ctx: StageContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
