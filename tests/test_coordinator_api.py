@@ -314,12 +314,13 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
 
 
 @pytest.mark.timeout(900)
-def test_rest_meta_reward_and_spin_iterations(
+def test_rest_meta_reward_spin_and_cream_iterations(
     tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
 ) -> None:
     """meta-reward through the coordinator and RQ workers: the meta_judgments stage runs on the
     judge queue and the pairs stage records both kinds of pairs by its rules; then spin through
-    the same cluster: no judge, the seed's human answers chosen."""
+    the same cluster: no judge, the seed's human answers chosen; then cream: its
+    reference_judgments stage on the judge queue, the consistency rate trained with."""
     body = run_body(
         "meta",
         tiny_model_dir,
@@ -366,3 +367,19 @@ def test_rest_meta_reward_and_spin_iterations(
         human = {r["id"]: r["response"] for r in load_jsonl(run / "seed" / "ift.jsonl")}
         for p in load_jsonl(run / "iter-1" / "pairs.jsonl"):
             assert p["chosen"][0]["content"] == human[p["chosen_id"].removeprefix("human:")]
+        cream = run_body("cream", tiny_model_dir, policy_server.url, variant="cream")
+        with c.client() as api:
+            assert api.post("/runs", json=cream).status_code == 201
+            r = api.post("/runs/cream/iterations")
+            assert r.status_code == 202 and "1:reference_judgments" in r.json()["jobs"]
+        detail = c.wait_iteration("cream", 1, ("done", "failed"), 600)
+        assert detail["status"] == "done", (detail.get("failed_stage"), detail.get("error"))
+        stages = {s["stage"]: s for s in detail["stages"]}
+        assert stages["reference_judgments"]["queue"] == "judge"
+        assert detail["feedback"]["pairs_by_kind"] == {"cream": detail["feedback"]["pairs"]}
+        run = tmp_path / "artifacts" / "runs" / "cream"
+        reference = load_jsonl(run / "iter-1" / "reference_judgments.jsonl")
+        assert reference and {j["judge"] for j in reference} == {"policy:tiny"}  # M0 judges iteration 1
+        confidence = read_manifest(run / "iter-1" / "pairs.manifest.json")["preference_confidence"]
+        m2 = read_manifest(run / "models" / "m2" / "manifest.json")
+        assert m2["identity"].get("preference_confidence") == confidence

@@ -253,6 +253,41 @@ def test_spin_two_iterations_pair_human_answers_against_the_model(
     assert "win vs fixed" in compared.output
 
 
+@pytest.mark.timeout(900)
+def test_cream_two_iterations_weigh_pairs_by_the_two_judges_consistency(
+    tmp_path: Path, tiny_model_dir: Path, policy_server
+) -> None:
+    """cream end to end on the tiny model (embedded): the candidates judged by M(t) and again by
+    M(t-1) (M0 in iteration 1), the consistency rate in the pairs manifest, and DPO trained with it."""
+    config = tiny_config(
+        tmp_path / "c",
+        "cream",
+        tiny_model_dir,
+        policy_server.url,
+        variant="cream",
+        iterations=2,
+        eval={"continue_on_collapse": True},  # a random tiny judge gives one score to most answers
+    )
+    run_cli(config, policy_server.url)
+    run = tmp_path / "c" / "runs" / "cream"
+    for t, current, previous in ((1, "m1-", "tiny"), (2, "m2-", "m1-")):
+        it = run / f"iter-{t}"
+        judged = load_jsonl(it / "judgments.jsonl")
+        reference = load_jsonl(it / "reference_judgments.jsonl")
+        assert [j["id"] for j in reference] == [j["id"] for j in judged] and len(judged) == 9
+        assert all(j["judge"].startswith(f"policy:{current}") for j in judged)
+        assert all(j["judge"].startswith(f"policy:{previous}") for j in reference)
+        manifest = read_manifest(it / "pairs.manifest.json")
+        c = manifest["consistency"]
+        assert c["prompts"] + c["prompts_without"] == 3 and manifest["preference_confidence"] == c["mean"]
+        assert c["reference_judge"] == reference[0]["judge"]
+        pairs = load_jsonl(it / "pairs.jsonl")
+        assert all(p["kind"] == "cream" and p["consistency"] is not None for p in pairs)
+        model = json.loads((run / "models" / f"m{t + 1}" / "manifest.json").read_text())
+        assert model["identity"].get("preference_confidence") == c["mean"]
+    assert read_manifest(run / "iter-2" / "evaluate.manifest.json") is not None
+
+
 META = {
     "variant": "meta-reward",
     "iterations": 2,

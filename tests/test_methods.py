@@ -25,7 +25,14 @@ GOLDEN = Path(__file__).parent / "data" / "pairs-golden"
 
 
 def test_the_registry_names_every_method_and_refuses_unknown_ones() -> None:
-    assert list(METHODS) == ["self-reward", "teacher-reward", "teacher-demo", "meta-reward", "spin"]
+    assert list(METHODS) == [
+        "self-reward",
+        "teacher-reward",
+        "teacher-demo",
+        "meta-reward",
+        "spin",
+        "cream",
+    ]
     for m in METHODS.values():
         assert m.summary and m.paper and m.stages[0] == "prompts" and m.stages[-1] == "evaluate"
     assert "meta_judgments" in METHODS["meta-reward"].stages
@@ -336,3 +343,87 @@ def test_compare_flags_runs_that_differ_beyond_the_method() -> None:
     diffs = config_differences([spin, same, other])
     assert [d["field"] for d in diffs] == ["dpo.beta", "prompts.num_prompts"]
     assert diffs[0]["values"] == {"a": 0.1, "b": 0.1, "c": 0.5}
+
+
+# ---------------------------------------------------------------- cream
+
+
+def judged(prompt: str, scores: list[float | None], judge: str = "j") -> list[JudgmentRecord]:
+    return [
+        JudgmentRecord(
+            id=candidate_id(prompt, i), prompt_id=prompt, index=i, judge=judge, template_sha256="t",
+            mode="logprob", verdicts=[Verdict(text="", score=s)], score=s,
+        )
+        for i, s in enumerate(scores)
+    ]  # fmt: skip
+
+
+def test_cream_consistency_is_kendall_tau_b_per_prompt_mapped_to_0_1() -> None:
+    from selfreward.methods.cream import consistency, prompt_consistency
+
+    assert prompt_consistency([1, 2, 3], [1, 2, 3]) == 1.0  # the same ranking
+    assert prompt_consistency([1, 2, 3], [3, 2, 1]) == 0.0  # reversed
+    # tau-b with a tie: 5 concordant, 0 discordant, one pair tied in the reference;
+    # tau_b = 5 / sqrt(6 * 5) = 0.9129
+    assert prompt_consistency([1, 2, 3, 4], [1, 1, 3, 4]) == pytest.approx((5 / math.sqrt(30) + 1) / 2)
+    assert prompt_consistency([2, 2, 2], [1, 2, 3]) == 0.5  # one judge gave one score: no ranking
+    assert prompt_consistency([1], [1]) is None
+    current = judged("a", [1, 2, 3]) + judged("b", [3, 2, 1]) + judged("c", [4, 4]) + judged("d", [5, None])
+    reference = judged("a", [1, 2, 3]) + judged("b", [1, 2, 3]) + judged("c", [1, 5]) + judged("d", [5, 1])
+    rates, report = consistency(current, reference)
+    assert rates == {"a": 1.0, "b": 0.0, "c": 0.5, "d": None}  # d: one candidate scored by both
+    assert report == {
+        "mean": 0.5, "min": 0.0, "max": 1.0, "prompts": 3, "prompts_one_score": 1, "prompts_without": 1,
+    }  # fmt: skip
+
+
+def test_cream_config_rules() -> None:
+    with pytest.raises(ValueError, match="cream.first_reference: 'teacher' needs teacher.backend"):
+        RunConfig(variant="cream", cream={"first_reference": "teacher"})
+    with pytest.raises(ValueError, match="cream's consistency-regularised loss is built on DPO's sigmoid"):
+        RunConfig(variant="cream", dpo={"loss_type": "ipo"})
+    with pytest.raises(ValueError, match="policy.max_loras: cream judges with M.t. and M.t-1. at once"):
+        RunConfig(variant="cream", iterations=2, policy={"max_loras": 1})
+    ok = RunConfig(variant="cream", iterations=2, policy={"max_loras": 2})
+    assert ok.feedback_judge() == "policy:self" and "reference_judgments" in METHODS["cream"].stages
+
+
+def test_cream_pairs_carry_the_prompt_consistency_and_the_mean_is_the_confidence(tmp_path: Path) -> None:
+    from selfreward.config import build_config
+    from selfreward.methods.cream import build_pairs
+    from selfreward.stages.stage import StageContext
+    from selfreward.storage import RunLayout, write_jsonl_atomic
+
+    config = build_config({"name": "c", "artifact_root": str(tmp_path), "variant": "cream"}, environ={})
+    ctx = StageContext(config, RunLayout(tmp_path, "c"), 1)
+    c1, _ = cands(("a", 0), ("bb", 0), ("ccc", 0))
+    c2 = [c.model_copy(update={"prompt_id": "q", "id": candidate_id("q", c.index)}) for c in c1]
+    write_jsonl_atomic(ctx.file("candidates"), [c.model_dump() for c in c1 + c2])
+    write_jsonl_atomic(
+        ctx.file("judgments"), [j.model_dump() for j in judged("p", [1, 5, 3]) + judged("q", [2, 4, 3])]
+    )
+    ref = judged("p", [1, 5, 3], "policy:m1") + judged("q", [4, 2, 3], "policy:m1")
+    write_jsonl_atomic(ctx.file("reference_judgments"), [j.model_dump() for j in ref])
+    pairs, report = build_pairs(ctx)
+    assert [(p["prompt_id"], p["chosen_id"], p["rejected_id"], p["consistency"]) for p in pairs] == [
+        ("p", "p:1", "p:0", 1.0),
+        ("q", "q:1", "q:0", 0.0),
+    ]
+    assert {p["kind"] for p in pairs} == {"cream"}
+    assert report["consistency"]["mean"] == 0.5 and report["preference_confidence"] == 0.5
+    assert report["consistency"]["reference_judge"] == "policy:m1"
+
+
+def test_every_shipped_config_loads_and_the_method_configs_compare_with_the_quickstart() -> None:
+    from selfreward.config import load_config
+    from selfreward.reports.compare import RunSummary, config_differences
+
+    root = Path(__file__).parent.parent / "configs"
+    loaded = {p.stem: load_config(p, environ={}) for p in sorted(root.glob("*.yaml"))}
+    assert {"quickstart", "spin", "cream"} <= set(loaded)
+    quick = loaded["quickstart"]
+    for name in ("spin", "cream"):
+        c = loaded[name]
+        assert c.variant == name
+        runs = [RunSummary("quickstart", quick.variant, quick), RunSummary(name, c.variant, c)]
+        assert config_differences(runs) == [], name

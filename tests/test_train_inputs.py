@@ -289,6 +289,57 @@ def test_trl_arguments_on_cpu(tmp_path: Path, cfg) -> None:
     assert sft.learning_rate == 5.5e-6 and sft.report_to == [] and sft.max_length == cfg.sft.max_length
 
 
+def test_soft_preference_target_is_cream_loss_exactly(tmp_path: Path, cfg) -> None:
+    """With a preference confidence C (cream), TRL's own DPO loss over a batch equals
+    C * DPO(chosen > rejected) + (1 - C) * DPO(rejected > chosen) (the batch flipped), for a
+    policy that differs from its reference (a margin away from 0)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from selfreward.training.arguments import dpo_arguments, dpo_loss
+
+    assert dpo_loss("sigmoid", None) == {"loss_type": ["sigmoid"]}
+    assert dpo_loss("sigmoid", 1.0) == {"loss_type": ["sigmoid"]}
+    with pytest.raises(ConfigError, match="needs the sigmoid loss"):
+        dpo_loss("ipo", 0.7)
+    base = cfg.model.base
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():  # the policy moves away from its reference
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = [pair(i) for i in range(4)]
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def loss(data: list[dict[str, Any]], confidence: float | None) -> float:
+        request = dpo_request(cfg, pairs=pairs_file, name="m1", preference_confidence=confidence)
+        args = dpo_arguments(request)
+        args.bf16 = False
+        args.per_device_train_batch_size = len(data)
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=AutoModelForCausalLM.from_pretrained(base),
+            args=args,
+            train_dataset=Dataset.from_list(
+                [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data]
+            ),
+            processing_class=tokenizer,
+        )
+        policy.eval()
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            return float(trainer.compute_loss(policy, batch))
+
+    forward, backward = loss(rows, None), loss(flipped, None)
+    assert abs(forward - backward) > 1e-3  # the margin is not 0: the identity is not trivial
+    for c in (0.0, 0.3, 0.75):
+        assert loss(rows, c) == pytest.approx(c * forward + (1 - c) * backward, rel=1e-5, abs=1e-6)
+
+
 def test_batch_size_must_divide(tmp_path: Path, cfg) -> None:
     from selfreward.training.arguments import dpo_arguments
 

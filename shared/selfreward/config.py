@@ -221,6 +221,26 @@ class MetaConfig(StrictModel):
     strip_scores: bool = Field(True, description="show the meta-judge the judgments without their scores")
 
 
+class CreamConfig(StrictModel):
+    """Settings of the cream method (Wang et al. 2024, CREAM; docs/methods.md)."""
+
+    first_reference: Literal["m0", "teacher"] = Field(
+        "m0",
+        description="the previous judge of iteration 1, which has no M(t-1) adapter: the base model M0 "
+        "or the teacher (teacher.backend); later iterations use M(t-1)",
+    )
+
+
+class TemporalConfig(StrictModel):
+    """Settings of the temporal method (Temporal Self-Rewarding, arXiv 2508.06026; docs/methods.md)."""
+
+    anchor: Literal["m1", "m0"] = Field(
+        "m1",
+        description="the fixed early model whose answers are the anchored rejected ones (generated once "
+        "per prompt and cached in the run): M1 (the SFT model, the paper's M0-after-SFT) or the base M0",
+    )
+
+
 class LoraConfig(StrictModel):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
@@ -406,6 +426,8 @@ class RunConfig(StrictModel):
     teacher: TeacherConfig = TeacherConfig()
     pairs: PairsConfig = PairsConfig()
     meta: MetaConfig = MetaConfig()
+    cream: CreamConfig = CreamConfig()
+    temporal: TemporalConfig = TemporalConfig()
     lora: LoraConfig = LoraConfig()
     sft: SFTConfig = SFTConfig()
     dpo: DPOConfig = DPOConfig()

@@ -109,8 +109,10 @@ async def ajudge_candidates(
     progress: Progress = NULL_PROGRESS,
     *,
     samples: int | None = None,
+    stage: str = "judgments",
 ) -> dict[str, Any]:
-    """Judge every candidate not yet in `out_path`; returns counts (see module docstring)."""
+    """Judge every candidate not yet in `out_path`; returns counts (see module docstring).
+    `stage` names the progress task and the error (the loop's judging stages)."""
     inputs = read_judge_inputs(candidates_path)
     kinds: Counter[str] = Counter()
     counts: dict[str, Any] = {
@@ -156,7 +158,7 @@ async def ajudge_candidates(
 
     with ResumableJsonl(out_path, key=lambda r: str(r["id"])) as out:
         _check_same_judge(out, judge, judge.template.sha256)
-        task = progress.task("judgments", len(inputs), done=sum(1 for x in inputs if x.id in out))
+        task = progress.task(stage, len(inputs), done=sum(1 for x in inputs if x.id in out))
         report = await judge_rows(
             inputs,
             key=lambda x: x.id,
@@ -182,7 +184,7 @@ async def ajudge_candidates(
     )
     if errors:
         raise StageError(
-            "judgments",
+            stage,
             f"{len(errors)} candidate(s) got no verdict because the judge backend failed "
             f"(first: {errors[0].key}: {errors[0].transient}); the {counts['judged']} others are saved "
             f"in {out_path}: run again to judge the rest",

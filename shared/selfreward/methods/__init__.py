@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from selfreward.config import RunConfig
 from selfreward.errors import ConfigError
-from selfreward.methods import meta_reward, self_reward, spin, teacher_demo, teacher_reward
+from selfreward.methods import cream, meta_reward, self_reward, spin, teacher_demo, teacher_reward
 from selfreward.methods.method import Method
 
 METHODS: dict[str, Method] = {
     m.name: m
-    for m in (self_reward.METHOD, teacher_reward.METHOD, teacher_demo.METHOD, meta_reward.METHOD, spin.METHOD)
+    for m in (
+        self_reward.METHOD,
+        teacher_reward.METHOD,
+        teacher_demo.METHOD,
+        meta_reward.METHOD,
+        spin.METHOD,
+        cream.METHOD,
+    )
 }
 
 

@@ -29,8 +29,8 @@ from selfreward.reports.markdown import interval, num, pct
 from selfreward.reports.trends import eval_dir, iteration_reports
 from selfreward.storage import RunLayout, read_jsonl, read_manifest
 
-# fields that name a run or its deployment, not its experiment
-NOT_COMPARED = ("name", "variant", "iterations", "artifact_root", "services")
+# fields that never make runs incomparable: names, the deployment, how far a run goes
+NOT_COMPARED = ("name", "variant", "iterations", "artifact_root", "services", "eval.continue_on_collapse")
 
 
 @dataclass

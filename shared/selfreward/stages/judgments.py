@@ -28,11 +28,19 @@ class JudgmentsResult(StageResult):
         return f"judged={self.judged} parse_failures={self.parse_failures} by {self.judge}"
 
 
-async def run(ctx: StageContext) -> JudgmentsResult:
+async def judge_file(
+    ctx: StageContext,
+    spec: str,
+    *,
+    self_model: str | None,
+    source: str = "candidates",
+    output: str = "judgments",
+) -> dict[str, Any]:
+    """Judge the iteration's `source` file into its `output` file with judge `spec` (policy:self
+    = `self_model`), in this process or through the judge service (`services.judge_url`);
+    resumable record by record (`selfreward.judging.files.ajudge_candidates`). The one way the
+    loop's judging stages (judgments, reference_judgments, future_judgments) judge a file."""
     cfg = ctx.config
-    spec = cfg.feedback_judge()
-    if spec is None:
-        return JudgmentsResult(skipped=f"{cfg.variant} pairs need no judge")
     from selfreward.judging.files import ajudge_candidates
 
     judge: Any
@@ -43,7 +51,7 @@ async def run(ctx: StageContext) -> JudgmentsResult:
             cfg.services.judge_url,
             spec,
             cfg.judge,
-            self_model=await ctx.served(),
+            self_model=self_model,
             # the judge service's bearer token, shared by the deployment's services
             api_token=os.environ.get("SELFREWARD_API_TOKEN") or None,
         )
@@ -54,15 +62,22 @@ async def run(ctx: StageContext) -> JudgmentsResult:
             spec,
             cfg,
             policy_url=ctx.url,
-            self_model=await ctx.served(),
+            self_model=self_model,
             redis_url=ctx.redis_url,
             client=ctx.policy,
         )
     try:
-        counts = await ajudge_candidates(ctx.file("candidates"), ctx.file("judgments"), judge, ctx.progress)
+        return await ajudge_candidates(ctx.file(source), ctx.file(output), judge, ctx.progress, stage=output)
     finally:
         await judge.aclose()
-    return JudgmentsResult(**counts)
+
+
+async def run(ctx: StageContext) -> JudgmentsResult:
+    cfg = ctx.config
+    spec = cfg.feedback_judge()
+    if spec is None:
+        return JudgmentsResult(skipped=f"{cfg.variant} pairs need no judge")
+    return JudgmentsResult(**await judge_file(ctx, spec, self_model=await ctx.served()))
 
 
 STAGE = Stage(

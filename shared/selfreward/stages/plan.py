@@ -22,6 +22,7 @@ from selfreward.stages import (
     prepare,
     prompts,
     publish,
+    reference_judgments,
     sft,
     train,
 )
@@ -39,7 +40,9 @@ ITERATION: tuple[Stage, ...] = (
     evaluate.STAGE,
 )
 # every stage a method may name, by name
-BY_NAME: dict[str, Stage] = {s.name: s for s in (*SETUP, *ITERATION, meta_judgments.STAGE)}
+BY_NAME: dict[str, Stage] = {
+    s.name: s for s in (*SETUP, *ITERATION, meta_judgments.STAGE, reference_judgments.STAGE)
+}
 
 
 def stages_of(t: int, method: str | None = None) -> tuple[Stage, ...]:

@@ -1,7 +1,9 @@
 """Iteration stage `train`: M(t+1) = DPO(M(t)) on the iteration's pairs.jsonl.
 
 M(t)'s adapter is trained further and TRL keeps a frozen copy of it as the reference, so the
-reference is M(t) (docs/training.md). Resumes like `sft` (checkpoints; an existing model
+reference is M(t) (docs/training.md). A pairs manifest with a `preference_confidence` (cream's
+consistency rate) makes the loss the soft-target one (`selfreward.training.arguments.dpo_loss`).
+Resumes like `sft` (checkpoints; an existing model
 manifest of this exact job is returned as it is).
 """
 
@@ -16,12 +18,14 @@ async def run(ctx: StageContext) -> TrainResult:
     from selfreward.training.request import dpo_request
     from selfreward.training.runner import run as run_training
 
+    confidence = ctx.manifest_of(ctx.t, "pairs").get("preference_confidence")
     request = dpo_request(
         ctx.config,
         pairs=str(ctx.file("pairs")),
         name=model_name(ctx.t + 1),
         parent=model_name(ctx.t),
         base_model=str(base_model_dir(ctx)),
+        preference_confidence=confidence,
     )
     return TrainResult.of(run_training(request, ctx.progress))
 

@@ -129,6 +129,32 @@ def sft_arguments(request: TrainRequest, world_size: int = 1):  # -> trl.SFTConf
     return TRLSFTConfig(**_common(request, world_size), completion_only_loss=True, packing=False)
 
 
+# the label smoothing of the "robust" term of the soft-target loss (any value in (0, 0.5) works)
+SOFT_TARGET_SMOOTHING = 0.25
+
+
+def dpo_loss(loss_type: str, confidence: float | None) -> dict[str, Any]:
+    """TRL's loss arguments: `loss_type` alone, or with a preference trusted to `confidence` C
+    (cream) the soft-target loss C * -log s(bh) + (1 - C) * -log s(-bh) exactly.
+
+    TRL 1.x has no soft target: its "sigmoid" loss ignores `label_smoothing`, its "robust" loss
+    with smoothing e is ((1 - e) * -log s(bh) - e * -log s(-bh)) / (1 - 2e). With e = 1/4,
+    sigmoid weighted 1 + 2(1 - C) plus robust weighted -2(1 - C) is the soft target (the
+    identity is tested on TRL's own loss in tests/test_train_inputs.py)."""
+    if confidence is None or confidence >= 1.0:
+        return {"loss_type": [loss_type]}
+    if loss_type != "sigmoid":
+        raise ConfigError(
+            [f"dpo.loss_type: a preference confidence needs the sigmoid loss (got {loss_type!r})"], "train"
+        )
+    doubt = 1.0 - confidence
+    return {
+        "loss_type": ["sigmoid", "robust"],
+        "loss_weights": [1.0 + 2.0 * doubt, -2.0 * doubt],
+        "label_smoothing": SOFT_TARGET_SMOOTHING,
+    }
+
+
 def dpo_arguments(request: TrainRequest, world_size: int = 1):  # -> trl.DPOConfig
     from trl import DPOConfig as TRLDPOConfig
 
@@ -136,7 +162,7 @@ def dpo_arguments(request: TrainRequest, world_size: int = 1):  # -> trl.DPOConf
     return TRLDPOConfig(
         **_common(request, world_size),
         beta=dpo.beta,
-        loss_type=[dpo.loss_type],
+        **dpo_loss(dpo.loss_type, request.preference_confidence),
         precompute_ref_log_probs=dpo.precompute_ref_log_probs,
     )
 

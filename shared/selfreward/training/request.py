@@ -36,6 +36,13 @@ class TrainRequest(BaseModel):
     parent: str | None = Field(
         None, pattern=NAME_PATTERN, description="adapter trained further (dpo: M(t)); None = fresh LoRA on M0"
     )
+    preference_confidence: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="dpo: how far the pairs' preferences are trusted (cream's consistency rate C): the "
+        "loss is C * DPO(chosen > rejected) + (1 - C) * DPO(rejected > chosen); None = 1, plain DPO",
+    )
 
     @property
     def layout(self) -> RunLayout:
@@ -134,8 +141,10 @@ def dpo_request(
     name: str,
     parent: str | None = None,
     base_model: str | Path | None = None,
+    preference_confidence: float | None = None,
 ) -> TrainRequest:
-    """M(t) (`parent`, or M0 when None) + pairs.jsonl -> adapter `name`; the reference model is M(t)."""
+    """M(t) (`parent`, or M0 when None) + pairs.jsonl -> adapter `name`; the reference model is M(t).
+    `preference_confidence`: see TrainRequest (cream)."""
     request = TrainRequest(
         kind="dpo",
         config=config,
@@ -143,6 +152,7 @@ def dpo_request(
         base_model=resolve_base_model(config, base_model),
         data=[_check_file(Path(pairs), "pairs file")],
         parent=parent,
+        preference_confidence=preference_confidence,
     )
     if parent is not None:
         check_parent(request)

@@ -78,7 +78,7 @@ def job_identity(request: TrainRequest, data: TrainingData) -> dict[str, Any]:
     if request.parent_dir is not None:
         parent_manifest = read_manifest(request.parent_dir / "manifest.json") or {}
         parent = {"name": request.parent, "adapter_sha256": parent_manifest.get("adapter_sha256")}
-    return {
+    identity = {
         "kind": request.kind,
         "base_model_sha256": base_model_sha256(request.base_model),
         "parent": parent,
@@ -88,6 +88,9 @@ def job_identity(request: TrainRequest, data: TrainingData) -> dict[str, Any]:
         request.kind: request.section.model_dump(mode="json"),
         "precision": config.training.precision,
     }
+    if request.preference_confidence is not None:  # only when set: earlier jobs keep their keys
+        identity["preference_confidence"] = request.preference_confidence
+    return identity
 
 
 def job_key(identity: dict[str, Any]) -> str:
