@@ -314,13 +314,14 @@ def test_rest_teacher_variants_through_the_judge_service_and_gemini(
 
 
 @pytest.mark.timeout(900)
-def test_rest_meta_reward_spin_and_cream_iterations(
+def test_rest_meta_reward_spin_cream_and_temporal_iterations(
     tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
 ) -> None:
     """meta-reward through the coordinator and RQ workers: the meta_judgments stage runs on the
     judge queue and the pairs stage records both kinds of pairs by its rules; then spin through
     the same cluster: no judge, the seed's human answers chosen; then cream: its
-    reference_judgments stage on the judge queue, the consistency rate trained with."""
+    reference_judgments stage on the judge queue, the consistency rate trained with; then
+    temporal: its four stages on their queues, the future model trained, served and judged."""
     body = run_body(
         "meta",
         tiny_model_dir,
@@ -383,3 +384,19 @@ def test_rest_meta_reward_spin_and_cream_iterations(
         confidence = read_manifest(run / "iter-1" / "pairs.manifest.json")["preference_confidence"]
         m2 = read_manifest(run / "models" / "m2" / "manifest.json")
         assert m2["identity"].get("preference_confidence") == confidence
+        temporal = run_body("temporal", tiny_model_dir, policy_server.url, variant="temporal")
+        with c.client() as api:
+            assert api.post("/runs", json=temporal).status_code == 201
+            r = api.post("/runs/temporal/iterations")
+            assert r.status_code == 202 and "1:future_train" in r.json()["jobs"]
+        detail = c.wait_iteration("temporal", 1, ("done", "failed"), 600)
+        assert detail["status"] == "done", (detail.get("failed_stage"), detail.get("error"))
+        queues = {s["stage"]: s["queue"] for s in detail["stages"]}
+        assert (queues["anchored_pairs"], queues["future_train"]) == ("judge", "train")
+        assert (queues["future_candidates"], queues["future_judgments"]) == ("generate", "judge")
+        run = tmp_path / "artifacts" / "runs" / "temporal"
+        anchored = load_jsonl(run / "iter-1" / "anchored_pairs.jsonl")
+        pairs = load_jsonl(run / "iter-1" / "pairs.jsonl")
+        assert [p["prompt_id"] for p in pairs] == [p["prompt_id"] for p in anchored]
+        assert (run / "models" / "m2-future" / "manifest.json").is_file()
+        assert sum(detail["feedback"]["pairs_by_kind"].values()) == len(pairs)

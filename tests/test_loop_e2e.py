@@ -288,6 +288,60 @@ def test_cream_two_iterations_weigh_pairs_by_the_two_judges_consistency(
     assert read_manifest(run / "iter-2" / "evaluate.manifest.json") is not None
 
 
+@pytest.mark.timeout(900)
+def test_temporal_two_iterations_anchor_rejections_and_guide_chosen_by_a_future_model(
+    tmp_path: Path, tiny_model_dir: Path, policy_server
+) -> None:
+    """temporal end to end on the tiny model (embedded): M1's answers added once per prompt and
+    cached, anchored pairs, the future model M_f trained, served and judged, the final pairs
+    from both, M(t+1) trained on them."""
+    config = tiny_config(
+        tmp_path / "t",
+        "temporal",
+        tiny_model_dir,
+        policy_server.url,
+        variant="temporal",
+        iterations=2,
+        eval={"continue_on_collapse": True},
+    )
+    run_cli(config, policy_server.url)
+    run = tmp_path / "t" / "runs" / "temporal"
+    anchors = load_jsonl(run / "anchors" / "m1.jsonl")
+    for t in (1, 2):
+        it = run / f"iter-{t}"
+        cands = load_jsonl(it / "candidates.jsonl")
+        mine = [c for c in cands if not c["anchor"]]
+        theirs = [c for c in cands if c["anchor"]]
+        assert len(mine) == len(theirs) == 9 and {c["index"] for c in theirs} == {3, 4, 5}
+        assert all(c["model"].startswith("m1-") for c in theirs)
+        assert {c["text"] for c in theirs} <= {a["text"] for a in anchors}
+        assert len(load_jsonl(it / "judgments.jsonl")) == 18  # M(t) judges the anchor's answers too
+        anchored = load_jsonl(it / "anchored_pairs.jsonl")
+        future = json.loads((run / "models" / f"m{t + 1}-future" / "manifest.json").read_text())
+        assert future["parent"]["name"] == f"m{t}"
+        fut = load_jsonl(it / "future_candidates.jsonl")
+        assert {c["prompt_id"] for c in fut} == {p["prompt_id"] for p in anchored}
+        assert all(c["model"].startswith(f"m{t + 1}-future-") for c in fut)
+        assert len(load_jsonl(it / "future_judgments.jsonl")) == len(fut)
+        pairs = load_jsonl(it / "pairs.jsonl")
+        assert [p["prompt_id"] for p in pairs] == [p["prompt_id"] for p in anchored]
+        for p, a in zip(pairs, anchored, strict=True):
+            assert p["rejected"] == a["rejected"] and p["kind"] == f"{p['chosen_from']}/{p['rejected_from']}"
+            assert p["chosen_score"] >= a["chosen_score"]
+        manifest = read_manifest(it / "pairs.manifest.json")
+        assert manifest["chosen_from_future"] == sum(p["chosen_from"] == "future" for p in pairs)
+        model = json.loads((run / "models" / f"m{t + 1}" / "manifest.json").read_text())
+        assert model["parent"]["name"] == f"m{t}"
+    # iteration 1's anchor is M1 = M(t): its answers came from the cache only when a prompt repeats
+    m = read_manifest(run / "iter-2" / "candidates.manifest.json")
+    assert m["anchor_model"] == "m1" and m["anchor_answers"] == 9
+    assert (
+        len(anchors)
+        == m["anchor_generated"]
+        + read_manifest(run / "iter-1" / "candidates.manifest.json")["anchor_generated"]
+    )
+
+
 META = {
     "variant": "meta-reward",
     "iterations": 2,

@@ -32,6 +32,7 @@ def test_the_registry_names_every_method_and_refuses_unknown_ones() -> None:
         "meta-reward",
         "spin",
         "cream",
+        "temporal",
     ]
     for m in METHODS.values():
         assert m.summary and m.paper and m.stages[0] == "prompts" and m.stages[-1] == "evaluate"
@@ -420,10 +421,96 @@ def test_every_shipped_config_loads_and_the_method_configs_compare_with_the_quic
 
     root = Path(__file__).parent.parent / "configs"
     loaded = {p.stem: load_config(p, environ={}) for p in sorted(root.glob("*.yaml"))}
-    assert {"quickstart", "spin", "cream"} <= set(loaded)
+    assert {"quickstart", "spin", "cream", "temporal"} <= set(loaded)
     quick = loaded["quickstart"]
-    for name in ("spin", "cream"):
+    for name in ("spin", "cream", "temporal"):
         c = loaded[name]
         assert c.variant == name
         runs = [RunSummary("quickstart", quick.variant, quick), RunSummary(name, c.variant, c)]
         assert config_differences(runs) == [], name
+
+
+# ---------------------------------------------------------------- temporal
+
+
+def answers(prompt: str, scores: list[float | None], *, anchor: bool = False, start: int = 0):
+    c, j = [], []
+    for k, score in enumerate(scores):
+        i = start + k
+        cid = candidate_id(prompt, i)
+        c.append(
+            CandidateRecord(
+                id=cid,
+                prompt_id=prompt,
+                prompt=f"{prompt}?",
+                index=i,
+                text=f"{prompt}-{i}",
+                model="m",
+                anchor=anchor,
+            )
+        )
+        j.append(JudgmentRecord(
+            id=cid, prompt_id=prompt, index=i, judge="j", template_sha256="t", mode="logprob",
+            verdicts=[Verdict(text="", score=score)], score=score,
+        ))  # fmt: skip
+    return c, j
+
+
+def test_temporal_anchored_rejection_takes_the_anchors_worst_only_when_it_is_lower() -> None:
+    from selfreward.methods.temporal import anchored_pairs
+
+    parts = [
+        answers("a", [3, 4]), answers("a", [1, 5], anchor=True, start=2),  # anchor 1 < M(t)'s worst 3
+        answers("b", [2, 4]), answers("b", [3, 5], anchor=True, start=2),  # anchor not lower: M(t)'s 2
+        answers("c", [4]), answers("c", [4], anchor=True, start=1),  # one answer, anchor not lower
+        answers("d", [None, None]), answers("d", [1], anchor=True, start=2),  # M(t) scored nothing
+        answers("e", [3, 3]), answers("e", [3], anchor=True, start=2),  # tie
+        answers("f", [4]), answers("f", [0], anchor=True, start=1),  # one answer, the anchor lower
+    ]  # fmt: skip
+    cands = [c for part in parts for c in part[0]]
+    judged = [j for part in parts for j in part[1]]
+    pairs, report = anchored_pairs(cands, judged, 0.0)
+    got = [(p["prompt_id"], p["chosen_id"], p["rejected_id"], p["kind"]) for p in pairs]
+    assert got == [
+        ("a", "a:1", "a:2", "current/anchor"),
+        ("b", "b:1", "b:0", "current/current"),
+        ("f", "f:0", "f:1", "current/anchor"),
+    ]
+    assert report["dropped"] == {"fewer_than_two_scored": 1, "no_scored_answer": 1, "tie": 1}
+    assert (report["rejected_from_anchor"], report["rejected_from_current"]) == (2, 1)
+    assert report["anchor_answers"] == 8 and report["candidates"] == 10
+
+
+def test_temporal_future_guided_chosen_replaces_only_a_strictly_better_answer() -> None:
+    from selfreward.methods.temporal import anchored_pairs, future_guided_pairs
+
+    c, j = answers("a", [3, 4])
+    ca, ja = answers("a", [1], anchor=True, start=2)
+    c2, j2 = answers("b", [2, 4])
+    anchored, _ = anchored_pairs(c + ca + c2, j + ja + j2, 0.0)
+    fa, fja = answers("a", [5, 4.5])  # M_f beats M(t)'s best 4 on a
+    fb, fjb = answers("b", [4, 1])  # M_f only equals it on b: keep M(t)'s
+    future = [x.model_copy(update={"text": "future " + x.text}) for x in fa + fb]
+    pairs, report = future_guided_pairs(anchored, future, fja + fjb)
+    assert [(p["prompt_id"], p["chosen_id"], p["chosen_score"], p["kind"]) for p in pairs] == [
+        ("a", "future:a:0", 5, "future/anchor"),
+        ("b", "b:1", 4, "current/current"),
+    ]
+    assert pairs[0]["chosen"][0]["content"] == "future a-0" and pairs[0]["rejected_id"] == "a:2"
+    assert report["chosen_from_future"] == 1 and report["mean_future_gain"] == 1.0
+    assert with_kinds(pairs, report)["pairs_by_kind"] == {"current/current": 1, "future/anchor": 1}
+
+
+def test_temporal_config_rules_and_stages() -> None:
+    from selfreward.methods.temporal import future_model
+    from selfreward.stages.plan import stages_of
+
+    with pytest.raises(ValueError, match="temporal serves M.t., the anchor and the future model M_f at once"):
+        RunConfig(variant="temporal", policy={"max_loras": 2})
+    config = RunConfig(variant="temporal", temporal={"anchor": "m0"})
+    assert METHODS["temporal"].anchor_model(config) == 0
+    assert METHODS["temporal"].anchor_model(RunConfig(variant="temporal")) == 1
+    assert [s.name for s in stages_of(1, "temporal")][3:8] == [
+        "anchored_pairs", "future_train", "future_candidates", "future_judgments", "pairs",
+    ]  # fmt: skip
+    assert future_model(1) == "m2-future"

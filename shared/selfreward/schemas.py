@@ -92,6 +92,7 @@ class CandidateRecord(Record):
     model: str
     finish_reason: str | None = None
     teacher: bool = False  # teacher-demo: the teacher's answer
+    anchor: bool = False  # temporal: an answer of the fixed anchor model (indices n..2n-1)
 
 
 class Verdict(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from selfreward.config import RunConfig
 from selfreward.errors import ConfigError
-from selfreward.methods import cream, meta_reward, self_reward, spin, teacher_demo, teacher_reward
+from selfreward.methods import cream, meta_reward, self_reward, spin, teacher_demo, teacher_reward, temporal
 from selfreward.methods.method import Method
 
 METHODS: dict[str, Method] = {
@@ -21,6 +21,7 @@ METHODS: dict[str, Method] = {
         meta_reward.METHOD,
         spin.METHOD,
         cream.METHOD,
+        temporal.METHOD,
     )
 }
 

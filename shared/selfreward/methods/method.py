@@ -46,6 +46,9 @@ class Method:
     samples: Callable[[RunConfig], int] = lambda config: config.candidates.n
     teacher_answers: bool = False  # the candidates stage asks the teacher for one answer too
     rules: Callable[[RunConfig], list[str]] = no_rules  # what this method needs of a config
+    # the model k whose answers the candidates stage adds (N more per prompt, `anchor: true`,
+    # generated once per prompt and cached in the run): temporal's anchored rejection; None: none
+    anchor_model: Callable[[RunConfig], int | None] = lambda config: None
     # the config fields (dotted, or whole sections) that are the method's own: runs that differ
     # only in the method and these are comparable (`selfreward compare`)
     config_fields: tuple[str, ...] = ()

@@ -7,7 +7,9 @@ are seeded from (run seed, t, prompt id) where policy.seeded_requests allows (GP
 so a re-run on the same server repeats itself.
 
 The run's method (selfreward.methods) says how many samples the student writes per prompt and
-whether the teacher writes one more (teacher-demo), recorded with `teacher: true` and index -1.
+whether the teacher writes one more (teacher-demo), recorded with `teacher: true` and index -1,
+and whether a fixed anchor model adds as many answers (temporal: `anchor: true`, indices
+n..2n-1, generated once per prompt and cached in runs/<run>/anchors/m<k>.jsonl).
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ async def generate_candidates(
 
         async def student(p: PromptRecord) -> None:
             have = sorted(
-                r["index"] for k, r in out.records.items() if k.startswith(f"{p.id}:") and r["index"] >= 0
+                r["index"]
+                for k, r in out.records.items()
+                if k.startswith(f"{p.id}:") and 0 <= r["index"] < samples
             )
             missing = [i for i in range(samples) if i not in have]
             if not missing:
@@ -110,8 +114,8 @@ async def generate_candidates(
             jobs += [teacher_answer(p) for p in prompts]
         await asyncio.gather(*jobs)
         task.close()
-        n_student = sum(1 for r in out.records.values() if not r.get("teacher"))
-        n_teacher = len(out) - n_student
+        n_student = sum(1 for r in out.records.values() if not r.get("teacher") and not r.get("anchor"))
+        n_teacher = sum(1 for r in out.records.values() if r.get("teacher"))
     finally:
         out.close()
     empty = sum(1 for r in out.records.values() if not r["text"].strip())
@@ -124,6 +128,87 @@ async def generate_candidates(
         "finish_reasons_this_run": finish,
         "model": model,
     }
+
+
+def anchor_key(prompt: str, j: int) -> str:
+    """The anchor cache's key of answer j to `prompt` (by text: any iteration's prompt finds it)."""
+    from selfreward.storage import sha256_text
+
+    return f"{sha256_text(prompt)}:{j}"
+
+
+async def add_anchor_answers(
+    client: OpenAICompatClient,
+    model: str,
+    prompts: list[PromptRecord],
+    cfg: CandidatesConfig,
+    out_path: Path,
+    cache_path: Path,
+    *,
+    samples: int,
+    run_seed: int,
+    seeded: bool = True,
+    progress: Progress = NULL_PROGRESS,
+) -> dict[str, Any]:
+    """`samples` answers of the anchor model per prompt, appended to the candidates file as
+    indices samples..2*samples-1 with `anchor: true`. Each is generated once per prompt text and
+    cached in `cache_path` (keyed `anchor_key`): a later iteration, a resumed stage or another
+    prompt file with the same prompt reuses it (the anchor is fixed, so its answers are too)."""
+    cache = ResumableJsonl(cache_path, key=lambda r: r["key"])
+    out = ResumableJsonl(out_path, key=lambda r: r["id"])
+    generated = reused = 0
+    try:
+        task = progress.task("anchor answers", len(prompts) * samples)
+
+        async def one(p: PromptRecord) -> None:
+            nonlocal generated, reused
+            missing = [j for j in range(samples) if anchor_key(p.prompt, j) not in cache]
+            if missing:
+                gen = await client.chat(
+                    model,
+                    chat_messages(p.prompt),
+                    n=len(missing),
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    max_tokens=cfg.max_tokens,
+                    seed=derived_seed(run_seed, 0, p.prompt, "anchor", len(missing)) if seeded else None,
+                )
+                for j, choice in zip(missing, gen.choices, strict=True):
+                    cache.append(
+                        {
+                            "key": anchor_key(p.prompt, j),
+                            "text": choice.text,
+                            "model": model,
+                            "finish_reason": choice.finish_reason,
+                        }
+                    )
+                generated += len(missing)
+            for j in range(samples):
+                cid = candidate_id(p.id, samples + j)
+                if cid in out:
+                    continue
+                hit = cache.records[anchor_key(p.prompt, j)]
+                reused += int(j not in missing)
+                rec = CandidateRecord(
+                    id=cid,
+                    prompt_id=p.id,
+                    prompt=p.prompt,
+                    index=samples + j,
+                    text=hit["text"],
+                    model=hit["model"],
+                    finish_reason=hit.get("finish_reason"),
+                    anchor=True,
+                )
+                out.append(rec.model_dump())
+            task.advance(samples)
+
+        await asyncio.gather(*(one(p) for p in prompts))
+        task.close()
+        written = sum(1 for r in out.records.values() if r.get("anchor"))
+    finally:
+        out.close()
+        cache.close()
+    return {"anchor_answers": written, "anchor_generated": generated, "anchor_from_cache": reused}
 
 
 class CandidatesResult(StageResult):
@@ -169,6 +254,25 @@ async def run(ctx: StageContext) -> CandidatesResult:
     finally:
         if teacher is not None:
             await teacher.aclose()
+    k = method.anchor_model(cfg)
+    if k is not None:
+        from selfreward.stages.stage import model_name
+
+        counts.update(
+            await add_anchor_answers(
+                ctx.policy,
+                await ctx.served(k),
+                prompts,
+                cfg.candidates,
+                ctx.file("candidates"),
+                ctx.layout.run_dir / "anchors" / f"{model_name(k)}.jsonl",
+                samples=method.samples(cfg),
+                run_seed=cfg.seed,
+                seeded=cfg.request_seed(0) is not None,
+                progress=ctx.progress,
+            ),
+            anchor_model=model_name(k),
+        )
     return CandidatesResult(**counts)
 
 

@@ -29,6 +29,7 @@ chosen and rejected answers.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,7 @@ class LengthControl:
 
 
 Scored = tuple[float, int, CandidateRecord]
+Built = tuple[list[dict[str, Any]], dict[str, Any]]  # a pair builder's rows and report
 
 
 def _chosen_rejected(scored: list[Scored], length: LengthControl | None) -> tuple[Scored, Scored]:
@@ -289,25 +291,33 @@ class PairsResult(StageResult):
         )
 
 
-async def run(ctx: StageContext) -> PairsResult:
+def pairs_stage(name: str, build: Callable[[StageContext], Built], description: str) -> Stage:
+    """A stage writing `<name>.jsonl` from a pair builder (the pairs stage; temporal's
+    anchored_pairs): sorted rows, the report with kinds and lengths, an error when none is left."""
+
+    async def run(ctx: StageContext) -> PairsResult:
+        from selfreward.methods.method import with_kinds
+
+        pairs, report = build(ctx)
+        write_jsonl_atomic(ctx.file(name), pairs)
+        if not pairs:
+            raise EmptyResultError(
+                f"iteration {ctx.t}: no preference pair survived ({report}); "
+                "with a small judge this usually means every verdict failed to parse or all scores tied"
+            )
+        return PairsResult(**with_kinds(pairs, report), mean_lengths=mean_lengths(pairs))
+
+    return Stage(
+        name=name, run=run, queue="judge", result=PairsResult, needs_policy=never, description=description
+    )
+
+
+def _method_pairs(ctx: StageContext) -> Built:
     from selfreward.methods import method_of
-    from selfreward.methods.method import with_kinds
 
-    pairs, report = method_of(ctx.config).build_pairs(ctx)
-    write_jsonl_atomic(ctx.file("pairs"), pairs)
-    if not pairs:
-        raise EmptyResultError(
-            f"iteration {ctx.t}: no preference pair survived ({report}); "
-            "with a small judge this usually means every verdict failed to parse or all scores tied"
-        )
-    return PairsResult(**with_kinds(pairs, report), mean_lengths=mean_lengths(pairs))
+    return method_of(ctx.config).build_pairs(ctx)
 
 
-STAGE = Stage(
-    name="pairs",
-    run=run,
-    queue="judge",
-    result=PairsResult,
-    needs_policy=never,
-    description="chosen/rejected pairs by the run's method (scored, demonstrations, judge pairs)",
+STAGE = pairs_stage(
+    "pairs", _method_pairs, "chosen/rejected pairs by the run's method (scored, demonstrations, judge pairs)"
 )

@@ -24,6 +24,7 @@ from selfreward.stages import (
     publish,
     reference_judgments,
     sft,
+    temporal,
     train,
 )
 from selfreward.stages.stage import Stage, model_name
@@ -41,7 +42,7 @@ ITERATION: tuple[Stage, ...] = (
 )
 # every stage a method may name, by name
 BY_NAME: dict[str, Stage] = {
-    s.name: s for s in (*SETUP, *ITERATION, meta_judgments.STAGE, reference_judgments.STAGE)
+    s.name: s for s in (*SETUP, *ITERATION, meta_judgments.STAGE, reference_judgments.STAGE, *temporal.STAGES)
 }
 
 

@@ -9,33 +9,46 @@ manifest of this exact job is returned as it is).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from selfreward.stages.prepare import base_model_dir
 from selfreward.stages.sft import TrainResult
 from selfreward.stages.stage import Stage, StageContext, model_name, never
 
 
-async def run(ctx: StageContext) -> TrainResult:
-    from selfreward.training.request import dpo_request
-    from selfreward.training.runner import run as run_training
+def dpo_stage(name: str, pairs: str, model: Callable[[int], str], description: str) -> Stage:
+    """A stage training `model(t)` = DPO(M(t)) on iteration t's `<pairs>.jsonl` (the train stage;
+    temporal's future_train), reference M(t)."""
 
-    confidence = ctx.manifest_of(ctx.t, "pairs").get("preference_confidence")
-    request = dpo_request(
-        ctx.config,
-        pairs=str(ctx.file("pairs")),
-        name=model_name(ctx.t + 1),
-        parent=model_name(ctx.t),
-        base_model=str(base_model_dir(ctx)),
-        preference_confidence=confidence,
+    async def run(ctx: StageContext) -> TrainResult:
+        from selfreward.training.request import dpo_request
+        from selfreward.training.runner import run as run_training
+
+        confidence = ctx.manifest_of(ctx.t, pairs).get("preference_confidence")
+        request = dpo_request(
+            ctx.config,
+            pairs=str(ctx.file(pairs)),
+            name=model(ctx.t),
+            parent=model_name(ctx.t),
+            base_model=str(base_model_dir(ctx)),
+            preference_confidence=confidence,
+        )
+        return TrainResult.of(run_training(request, ctx.progress))
+
+    return Stage(
+        name=name,
+        run=run,
+        queue="train",
+        result=TrainResult,
+        needs_policy=never,
+        timeout_s=24 * 3600,
+        description=description,
     )
-    return TrainResult.of(run_training(request, ctx.progress))
 
 
-STAGE = Stage(
-    name="train",
-    run=run,
-    queue="train",
-    result=TrainResult,
-    needs_policy=never,
-    timeout_s=24 * 3600,
-    description="M(t+1) = DPO(M(t)) on the iteration's pairs, reference M(t)",
+STAGE = dpo_stage(
+    "train",
+    "pairs",
+    lambda t: model_name(t + 1),
+    "M(t+1) = DPO(M(t)) on the iteration's pairs, reference M(t)",
 )
