@@ -37,9 +37,11 @@ def fake(gemini_server: FakeGemini, monkeypatch: pytest.MonkeyPatch) -> Iterator
     gemini_server.reset()
 
 
-def judge_for(fake: FakeGemini, **judge: Any):
+def judge_for(fake: FakeGemini, redis_url: str | None = None, **judge: Any):
     cfg = JudgeConfig(**{"initial_backoff_s": 0.01, "max_retries": 3, **judge})
-    return make_judge("gemini:gemini-test", cfg, teacher=TeacherConfig(gemini_base_url=fake.base_url))
+    return make_judge(
+        "gemini:gemini-test", cfg, teacher=TeacherConfig(gemini_base_url=fake.base_url), redis_url=redis_url
+    )
 
 
 async def _score(
@@ -55,7 +57,11 @@ async def _score(
 def test_sample_mode_wire_format_and_mean(fake: FakeGemini) -> None:
     replies = iter(["ok\nScore: 2", "fine\nScore: 4", "meh\nScore: five"])
     fake.reply = lambda model, prompt, body: next(replies)
-    [res] = asyncio.run(_score(fake, "Explain DNS.", ["DNS maps names to addresses."], samples=3))
+    # one at a time: the replies go to the samples in order (three identical requests in flight
+    # at once reach the server in any order)
+    [res] = asyncio.run(
+        _score(fake, "Explain DNS.", ["DNS maps names to addresses."], samples=3, concurrency=1)
+    )
     assert [v.score for v in res.verdicts] == [2.0, 4.0, None]
     assert res.score == 3.0 and res.failures == 1
     assert res.verdicts[2].failure == "not_a_number" and res.verdicts[2].text == "meh\nScore: five"
@@ -149,6 +155,67 @@ def test_concurrency_is_bounded_per_backend(fake: FakeGemini) -> None:
     results = asyncio.run(_score(fake, "q", [f"answer {i}" for i in range(6)], samples=1, concurrency=2))
     assert all(r.score == 4.0 for r in results)
     assert fake.calls == 6 and fake.max_in_flight == 2
+
+
+def test_two_judges_share_one_concurrency_limit_through_redis(
+    fake: FakeGemini, redis_url: str, redis_conn: Any
+) -> None:
+    """Two judges of one backend (as two replicas or workers would build them) with one Redis draw
+    on one budget: 2 in flight together, where each alone would send 2."""
+    fake.delay_s = 0.2
+
+    async def go(url: str | None) -> None:
+        judges = [judge_for(fake, url, concurrency=2, cache=False) for _ in range(2)]
+        try:
+            results = await asyncio.gather(
+                *(j.score("q", [f"judge {i} answer {k}" for k in range(4)], 1) for i, j in enumerate(judges))
+            )
+            assert all(r.score == 4.0 for rs in results for r in rs)
+        finally:
+            for j in judges:
+                await j.aclose()
+
+    asyncio.run(go(redis_url))
+    assert fake.calls == 8 and fake.max_in_flight == 2
+    fake.reset()
+    asyncio.run(go(None))
+    assert fake.calls == 8 and fake.max_in_flight == 4  # in-process limits: each judge its own
+
+
+def test_429_backs_off_with_shared_limits_and_each_attempt_takes_a_slot(
+    fake: FakeGemini, redis_url: str, redis_conn: Any
+) -> None:
+    fake.fail_next(429, times=1, retry_after="1")
+
+    async def go() -> Any:
+        judge = judge_for(fake, redis_url, requests_per_minute=100, cache=False)
+        try:
+            return await judge.score("q", ["a"], samples=1)
+        finally:
+            await judge.aclose()
+
+    started = time.monotonic()
+    [res] = asyncio.run(go())
+    assert time.monotonic() - started >= 1.0 and res.score == 4.0 and fake.calls == 2
+    prefix = f"selfreward:limits:v1:{{gemini:gemini-test@{fake.base_url}}}"
+    assert redis_conn.zcard(f"{prefix}:requests") == 2  # the retry was counted when sent
+    assert redis_conn.zcard(f"{prefix}:leases") == 0
+
+
+def test_reported_tokens_count_in_the_shared_window(
+    fake: FakeGemini, redis_url: str, redis_conn: Any
+) -> None:
+    async def go() -> None:
+        judge = judge_for(fake, redis_url, tokens_per_minute=100_000, cache=False)
+        try:
+            await judge.score("q", ["a", "b"], samples=1)
+        finally:
+            await judge.aclose()
+
+    asyncio.run(go())
+    key = f"selfreward:limits:v1:{{gemini:gemini-test@{fake.base_url}}}:tokens"
+    counts = [int(m.rsplit(b":", 1)[1]) for m in redis_conn.zrange(key, 0, -1)]
+    assert len(counts) == fake.calls == 2 and all(c > 10 for c in counts)  # prompt + verdict tokens
 
 
 def test_requests_per_minute_limit(fake: FakeGemini) -> None:

@@ -142,8 +142,22 @@ class JudgeConfig(StrictModel):
     template: str = Field("builtin:yuan2024-additive", description="builtin:<name> or a file path")
     compare_template: str = Field("builtin:alpacaeval-pairwise", description="builtin:<name> or a file path")
     structured: bool = Field(True, description="constrain verdicts to end in 'Score: N' where supported")
-    concurrency: int = Field(8, ge=1, description="requests in flight per backend")
-    requests_per_minute: int | None = Field(None, ge=1)
+    concurrency: int = Field(
+        8, ge=1, description="requests in flight per backend (shared like requests_per_minute)"
+    )
+    requests_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="requests per backend in any 60 s; in distributed mode shared through Redis by every "
+        "judge replica and stage worker (policy: judges excepted, docs/judge.md), embedded: per process; "
+        "None = no limit",
+    )
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="tokens (prompt + output, as the backend reports them) per backend in any 60 s; "
+        "shared like requests_per_minute; None = no limit",
+    )
     max_retries: int = Field(5, ge=0)
     timeout_s: float = Field(120.0, gt=0)
     max_response_chars: int = Field(6000, ge=100, description="longer responses are truncated and flagged")

@@ -1,6 +1,7 @@
 """The teacher as a writer of answers (teacher-demo variant): a backend of the LLM layer
 (`selfreward.llm.make_backend`: Gemini through google-genai, any OpenAI-compatible server), so
-keys, concurrency, rate limits and retries follow the judges' rules (the run's judge section)."""
+keys, concurrency, rate limits and retries follow the judges' rules (the run's judge section);
+with a `redis_url` its limits are shared with every judge and worker using that backend."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ class Teacher:
         await self.backend.aclose()
 
 
-def make_teacher(config: RunConfig, policy_url: str | None = None) -> Teacher:
+def make_teacher(config: RunConfig, policy_url: str | None = None, redis_url: str | None = None) -> Teacher:
+    """The run's teacher; `redis_url`: its backend's limits are kept there (shared), else in-process."""
     t = config.teacher
     if not t.backend:
         raise ConfigError(["teacher.backend: required to write demonstrations"], "teacher")
-    backend = make_backend(t.backend, config.judge, teacher=t, policy_url=policy_url)
+    backend = make_backend(t.backend, config.judge, teacher=t, policy_url=policy_url, redis_url=redis_url)
     return Teacher(backend.spec.name, backend, t.temperature, t.top_p, t.max_tokens)

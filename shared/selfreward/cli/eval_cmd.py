@@ -151,7 +151,9 @@ def score_eft_cmd(
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help="run config (judge, teacher sections)"),
     policy_url: str | None = typer.Option(None, "--policy-url", help="policy server for policy:* judges"),
-    redis_url: str | None = typer.Option(None, "--redis-url", help="verdict cache; default: in-process"),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", help="verdict cache and shared backend limits; default: in-process"
+    ),
     max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help="seeded subset of records"),
     samples: int | None = typer.Option(None, "--samples", "-k", min=1, help="verdicts per reply (K)"),
 ) -> None:
@@ -205,7 +207,9 @@ def head2head(
         None, "--config", "-c", help="run config (judge, teacher, eval sections)"
     ),
     policy_url: str | None = typer.Option(None, "--policy-url", help="policy server generating answers"),
-    redis_url: str | None = typer.Option(None, "--redis-url", help="verdict cache; default: in-process"),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", help="verdict cache and shared backend limits; default: in-process"
+    ),
     max_prompts: int | None = typer.Option(None, "--max-prompts", min=1, help="seeded subset of prompts"),
     max_tokens: int | None = typer.Option(
         None, "--max-tokens", min=8, help="answer length (default eval.max_tokens)"
@@ -287,7 +291,9 @@ def alpaca(
         None, "--config", "-c", help="run config (judge, teacher, eval sections)"
     ),
     policy_url: str | None = typer.Option(None, "--policy-url", help="policy server generating answers"),
-    redis_url: str | None = typer.Option(None, "--redis-url", help="verdict cache; default: in-process"),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", help="verdict cache and shared backend limits; default: in-process"
+    ),
     max_prompts: int | None = typer.Option(
         None, "--max-prompts", min=1, help="seeded subset of instructions"
     ),
@@ -408,7 +414,9 @@ def judge_bench(
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help="run config (judge, teacher, seed)"),
     policy_url: str | None = typer.Option(None, "--policy-url", help="policy server for policy:* judges"),
-    redis_url: str | None = typer.Option(None, "--redis-url", help="verdict cache; default: in-process"),
+    redis_url: str | None = typer.Option(
+        None, "--redis-url", help="verdict cache and shared backend limits; default: in-process"
+    ),
     samples: int | None = typer.Option(
         None, "--samples", "-k", min=1, help="pointwise verdicts per response (K)"
     ),

@@ -58,7 +58,7 @@ def score(
     redis_url: str | None = typer.Option(
         os.environ.get("REDIS_URL"),
         "--redis-url",
-        help="verdict cache (default $REDIS_URL; unset: in-process)",
+        help="verdict cache and shared backend limits (default $REDIS_URL; unset: in-process)",
     ),
 ) -> None:
     """Score every answer in FILE; already-judged records in --out are skipped."""

@@ -557,7 +557,9 @@ def make_judge(
     """Build a judge from a spec (see selfreward.llm.specs) and the judge config.
 
     `cache`: a verdict cache shared with other judges (left open by this judge's `aclose`);
-    default: its own, on `redis_url` (in-process without one).
+    default: its own, on `redis_url` (in-process without one). `redis_url` also holds the
+    backend's limits, shared with every process judging with the same backend there
+    (selfreward.llm.limits.SharedLimits; in-process without one, and for `policy:` judges).
 
     `client`: the caller's open client of the policy service (a stage's); a judge on that
     server shares its connection pool (selfreward.llm.make_backend)."""
@@ -572,7 +574,9 @@ def make_judge(
         )
     observer = observer or JudgeObserver()
     events = BackendEvents(on_call=observer.backend_call, on_retry=observer.retry)
-    backend = make_backend(resolved, config, teacher=teacher, events=events, client=client)
+    backend = make_backend(
+        resolved, config, teacher=teacher, events=events, client=client, redis_url=redis_url
+    )
     if not config.cache:
         return LLMJudge(resolved, config, backend, None, observer)
     if cache is not None:

@@ -7,7 +7,8 @@
   `make_backend(spec, settings, ...)`, the one place a spec becomes a backend;
 - `gemini`: Gemini through google-genai;
 - `specs`: backend specs (`policy:`, `gemini:`, `openai:`) and the API-key rule;
-- `retry`, `limits`, `http`: the retry policy, the per-backend limits, the HTTP client builder.
+- `retry`, `limits`, `http`: the retry policy, the per-backend limits (in-process, or shared
+  through Redis by every process using a backend), the HTTP client builder.
 """
 
 from selfreward.llm.backend import (

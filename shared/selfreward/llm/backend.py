@@ -3,11 +3,17 @@
 talk to models only through these.
 
 Every backend bounds its requests in flight (`concurrency`), limits its request rate
-(`requests_per_minute`), and retries connection errors, timeouts, 429 and 5xx with
+(`requests_per_minute`) and, where the backend reports tokens, its token rate
+(`tokens_per_minute`), and retries connection errors, timeouts, 429 and 5xx with
 exponential backoff and full jitter, honouring the server's Retry-After (for Gemini also the
 RetryInfo `retryDelay` of a 429 body): the policy of `selfreward.llm.retry`, shared by every
 client of the project. The settings come from a config section with those fields
 (`BackendSettings`: the run's `judge` section for judges and the teacher).
+
+The limits live in this process (`selfreward.llm.limits.Limits`, the embedded mode), or, when
+`make_backend` is given a `redis_url`, in Redis (`SharedLimits`): one budget per backend
+(`limits_identity`: its spec, endpoint and model) shared by every judge replica and stage worker
+on that Redis. The policy service (`policy:` specs, our own vLLM) keeps in-process limits.
 
 Capabilities differ, and the judge asks before using one:
 - vLLM (detected by `owned_by: vllm` in /v1/models): prefilled assistant turns
@@ -32,6 +38,7 @@ from typing import Any, Protocol
 
 from selfreward.config import TeacherConfig
 from selfreward.errors import ConfigError
+from selfreward.llm.limits import AnyLimits, Limits, SharedLimits
 from selfreward.llm.openai import OpenAICompatClient
 from selfreward.llm.retry import HTTPStatusError
 from selfreward.llm.specs import BackendSpec, parse_spec, resolve_api_key
@@ -45,9 +52,33 @@ class BackendSettings(Protocol):
 
     concurrency: int
     requests_per_minute: int | None
+    tokens_per_minute: int | None
     timeout_s: float
     max_retries: int
     initial_backoff_s: float
+
+
+def limits_identity(spec: BackendSpec, teacher: TeacherConfig | None = None) -> str:
+    """What names a backend's shared budget: the spec (an `openai:` spec holds its endpoint and
+    model), and for Gemini the endpoint when it is not Google's (a proxy, a local fake)."""
+    if spec.kind == "gemini" and teacher is not None and teacher.gemini_base_url:
+        return f"{spec.name}@{teacher.gemini_base_url.rstrip('/')}"
+    return spec.name
+
+
+def backend_limits(settings: BackendSettings, identity: str, redis_url: str | None = None) -> AnyLimits:
+    """The limits of one backend: shared through Redis when `redis_url` is given, else in-process."""
+    if redis_url:
+        return SharedLimits(
+            redis_url,
+            identity,
+            settings.concurrency,
+            settings.requests_per_minute,
+            settings.tokens_per_minute,
+        )
+    return Limits(
+        settings.concurrency, settings.requests_per_minute, tokens_per_minute=settings.tokens_per_minute
+    )
 
 
 @dataclass(frozen=True)
@@ -149,10 +180,12 @@ class OpenAICompatBackend(Backend):
         api_key: str | None,
         events: BackendEvents | None = None,
         client: OpenAICompatClient | None = None,
+        redis_url: str | None = None,
     ) -> None:
         assert spec.base_url is not None
         self.spec = spec
         self.settings = settings
+        self.redis_url = redis_url
         self._api_key = api_key
         self.events = events or BackendEvents()
         self._shared = client  # the stage's client of the same server, used through a view
@@ -177,6 +210,7 @@ class OpenAICompatBackend(Backend):
                 max_retries=s.max_retries,
                 initial_backoff_s=s.initial_backoff_s,
                 on_retry=lambda exc: self.events.on_retry(self.spec.name, exc),
+                limits=backend_limits(s, limits_identity(self.spec), self.redis_url),
             )
             if self._shared is not None and not self._shared.closed:
                 self._http = self._shared.view(**options)
@@ -314,11 +348,16 @@ def make_backend(
     self_model: str | None = None,
     events: BackendEvents | None = None,
     client: OpenAICompatClient | None = None,
+    redis_url: str | None = None,
 ) -> Backend:
     """The backend a spec names (see selfreward.llm.specs), with the API key of the key rule.
 
     `client`: an open client of the policy service; a backend of that same server shares its
     connection pool and model list (a view with the backend's own limits and retries).
+
+    `redis_url`: the backend's limits are kept there, shared with every process using the same
+    backend and Redis (`SharedLimits`), except for the policy service's own models (`policy:`);
+    without it they are this process' (`Limits`).
     """
     from selfreward.llm.gemini import GeminiBackend
 
@@ -331,10 +370,17 @@ def make_backend(
     if resolved.kind == "gemini":
         key = resolve_api_key(resolved, teacher)
         assert key is not None
-        return GeminiBackend(resolved, settings, teacher, key, events)
+        return GeminiBackend(resolved, settings, teacher, key, events, redis_url=redis_url)
     shared = (
         client
         if client is not None and client.base_url == str(resolved.base_url).removesuffix("/v1")
         else None
     )
-    return OpenAICompatBackend(resolved, settings, resolve_api_key(resolved, teacher), events, client=shared)
+    return OpenAICompatBackend(
+        resolved,
+        settings,
+        resolve_api_key(resolved, teacher),
+        events,
+        client=shared,
+        redis_url=redis_url if resolved.kind != "policy" else None,
+    )

@@ -3,7 +3,9 @@
 The SDK's own retries are switched off (one retry policy for the project, selfreward.llm.retry);
 its HTTP transport is an httpx.AsyncClient built by selfreward.llm.http, so timeouts and
 connection errors surface as httpx errors that `with_retries` knows. A 429's RetryInfo
-`retryDelay` counts as its Retry-After.
+`retryDelay` counts as its Retry-After. Limits as every backend's (selfreward.llm.backend: in
+this process, or shared through Redis); `usageMetadata.totalTokenCount` counts against
+`tokens_per_minute`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ import httpx
 
 from selfreward.config import TeacherConfig
 from selfreward.errors import ConfigError, ServiceError
-from selfreward.llm.backend import Backend, BackendEvents, BackendSettings, Capabilities, Constraint, Output
+from selfreward.llm.backend import (
+    Backend,
+    BackendEvents,
+    BackendSettings,
+    Capabilities,
+    Constraint,
+    Output,
+    backend_limits,
+    limits_identity,
+)
 from selfreward.llm.http import build_http_client
-from selfreward.llm.limits import Limits
+from selfreward.llm.limits import AnyLimits
 from selfreward.llm.retry import HTTPStatusError, parse_retry_after, with_retries
 from selfreward.llm.specs import BackendSpec
 
@@ -55,13 +66,15 @@ class GeminiBackend(Backend):
         teacher: TeacherConfig,
         api_key: str,
         events: BackendEvents | None = None,
+        redis_url: str | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings
+        self.redis_url = redis_url
         self.teacher = teacher
         self._api_key = api_key
         self.events = events or BackendEvents()
-        self._state: tuple[Any, httpx.AsyncClient, Limits] | None = None
+        self._state: tuple[Any, httpx.AsyncClient, AnyLimits] | None = None
 
     def _url(self) -> str:
         base = self.teacher.gemini_base_url or "https://generativelanguage.googleapis.com"
@@ -69,7 +82,7 @@ class GeminiBackend(Backend):
             f"{base.rstrip('/')}/{self.teacher.gemini_api_version}/models/{self.spec.model}:generateContent"
         )
 
-    def _client(self) -> tuple[Any, Limits]:
+    def _client(self) -> tuple[Any, AnyLimits]:
         from google import genai
         from google.genai import types
 
@@ -85,7 +98,8 @@ class GeminiBackend(Backend):
             if self.teacher.gemini_base_url:
                 options.base_url = self.teacher.gemini_base_url
             client = genai.Client(api_key=self._api_key, http_options=options)
-            self._state = (client, http, Limits(s.concurrency, s.requests_per_minute))
+            limits = backend_limits(s, limits_identity(self.spec, self.teacher), self.redis_url)
+            self._state = (client, http, limits)
         return self._state[0], self._state[2]
 
     async def capabilities(self) -> Capabilities:
@@ -157,6 +171,7 @@ class GeminiBackend(Backend):
             self.count_usage(
                 getattr(meta, "prompt_token_count", None), getattr(meta, "candidates_token_count", None)
             )
+            await limits.record_tokens(_total_tokens(meta))
         return _gemini_output(response)
 
     async def generate(
@@ -179,8 +194,22 @@ class GeminiBackend(Backend):
 
     async def aclose(self) -> None:
         if self._state is not None:
-            await self._state[1].aclose()
+            _, http, limits = self._state
             self._state = None
+            await http.aclose()
+            await limits.aclose()
+
+
+def _total_tokens(meta: Any) -> int:
+    """The tokens a response's usage_metadata reports (total, else prompt + candidates + thoughts)."""
+
+    def count(name: str) -> int:
+        value = getattr(meta, name, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    return count("total_token_count") or (
+        count("prompt_token_count") + count("candidates_token_count") + count("thoughts_token_count")
+    )
 
 
 def _gemini_output(response: Any) -> Output:

@@ -1,9 +1,11 @@
 """Async client of OpenAI-compatible servers: vLLM (the policy service) and any teacher.
 
-One pooled connection (`selfreward.llm.http`), `Limits` bounding requests in flight and per
-minute, and the retry policy of `selfreward.llm.retry` (connection errors, timeouts, 429 and 5xx,
-honouring Retry-After). Client errors (4xx other than 408/429) are not retried: they name the
-request's model and the server's message.
+One pooled connection (`selfreward.llm.http`), limits bounding requests in flight, per minute and
+tokens per minute (`selfreward.llm.limits`: this process' `Limits` by default, or the `limits=`
+given, e.g. a `SharedLimits` in Redis; each attempt takes a slot, and the tokens of each
+answer's `usage` are recorded), and the retry policy of `selfreward.llm.retry` (connection
+errors, timeouts, 429 and 5xx, honouring Retry-After). Client errors (4xx other than 408/429)
+are not retried: they name the request's model and the server's message.
 
 `view(...)` is the same client (connection pool, model list) with its own limits and retry
 policy: a judge on the policy service uses a view of the stage's client, so a stage talks to the
@@ -34,7 +36,7 @@ import httpx
 
 from selfreward.errors import ServiceError
 from selfreward.llm.http import bearer, build_http_client
-from selfreward.llm.limits import Limits
+from selfreward.llm.limits import AnyLimits, Limits
 from selfreward.llm.retry import ADMIN_RETRY_STATUS, RETRY_STATUS, HTTPStatusError, is_transient, with_retries
 
 MODELS_TTL_S = 5.0
@@ -94,6 +96,18 @@ def _prompt_logprobs(choice: dict[str, Any]) -> list[dict[int, float] | None] | 
     ]
 
 
+def usage_tokens(usage: Any) -> int:
+    """The tokens an answer's `usage` reports (total, else prompt + completion; 0 without)."""
+    if not isinstance(usage, dict):
+        return 0
+
+    def count(key: str) -> int:
+        value = usage.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    return count("total_tokens") or count("prompt_tokens") + count("completion_tokens")
+
+
 def token_id(token: str) -> int:
     """The id in a "token_id:<id>" token (vLLM's return_tokens_as_token_ids)."""
     prefix, _, value = token.partition(":")
@@ -115,13 +129,14 @@ class OpenAICompatClient:
         max_retries: int = 5,
         initial_backoff_s: float = 0.5,
         on_retry: Callable[[BaseException], None] | None = None,
+        limits: AnyLimits | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.initial_backoff_s = initial_backoff_s
         self.on_retry = on_retry
-        self.limits = Limits(concurrency, requests_per_minute)
+        self.limits: AnyLimits = limits if limits is not None else Limits(concurrency, requests_per_minute)
         self._shared = _Shared(
             build_http_client(
                 base_url=self.base_url, timeout_s=timeout_s, concurrency=concurrency, headers=bearer(api_key)
@@ -138,11 +153,13 @@ class OpenAICompatClient:
         max_retries: int | None = None,
         initial_backoff_s: float | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
+        limits: AnyLimits | None = None,
     ) -> OpenAICompatClient:
-        """This client with its own limits and retry policy (same connection pool and model
-        list); closing the view leaves this client open."""
+        """This client with its own limits (`limits`, else in-process ones of `concurrency` and
+        `requests_per_minute`) and retry policy (same connection pool and model list); closing
+        the view leaves this client open (and closes the view's limits)."""
         other = copy.copy(self)
-        other.limits = Limits(concurrency, requests_per_minute)
+        other.limits = limits if limits is not None else Limits(concurrency, requests_per_minute)
         other.timeout_s = self.timeout_s if timeout_s is None else timeout_s
         other.max_retries = self.max_retries if max_retries is None else max_retries
         other.initial_backoff_s = self.initial_backoff_s if initial_backoff_s is None else initial_backoff_s
@@ -154,6 +171,7 @@ class OpenAICompatClient:
         return self._shared is other._shared
 
     async def aclose(self) -> None:
+        await self.limits.aclose()
         if self._owner:
             await self._shared.http.aclose()
 
@@ -265,6 +283,7 @@ class OpenAICompatClient:
         if return_tokens_as_token_ids:
             body["return_tokens_as_token_ids"] = True
         data = await self._request("POST", "/v1/chat/completions", body)
+        await self.limits.record_tokens(usage_tokens(data.get("usage")))
         choices = []
         for c in sorted(data.get("choices", []), key=lambda c: c.get("index", 0)):
             tops, tokens = _chat_logprobs(c)
@@ -303,6 +322,7 @@ class OpenAICompatClient:
         if return_tokens_as_token_ids:
             body["return_tokens_as_token_ids"] = True
         data = await self._request("POST", "/v1/completions", body)
+        await self.limits.record_tokens(usage_tokens(data.get("usage")))
         choices = []
         for c in sorted(data.get("choices", []), key=lambda c: c.get("index", 0)):
             tops, tokens = _completion_logprobs(c)

@@ -235,7 +235,7 @@ async def run(ctx: StageContext) -> CandidatesResult:
     if method.teacher_answers:
         from selfreward.teacher import make_teacher
 
-        teacher = make_teacher(cfg, policy_url=ctx.url)
+        teacher = make_teacher(cfg, policy_url=ctx.url, redis_url=ctx.redis_url)
     try:
         counts = await generate_candidates(
             ctx.policy,

@@ -122,8 +122,8 @@ class StageContext:
     """Where a stage runs: the run's config and layout, iteration t, progress, services.
 
     `policy_url`: the policy service (default config.services.policy_url). `redis_url`: the
-    verdict cache of the judges a stage builds (the distributed driver passes its Redis, the
-    embedded driver none: in-process). Use it as `async with ctx:` (execute does) so that the
+    verdict cache of the judges a stage builds and the shared limits of their backends and the
+    teacher's (the distributed driver passes its Redis, the embedded driver none: in-process). Use it as `async with ctx:` (execute does) so that the
     policy client it opens is closed in the stage's event loop.
     """
 

@@ -8,7 +8,8 @@
 
 One `LLMJudge` per spec, built on first use and shared by all requests (a request with another
 mode gets a view of it with the same backend), so the per-backend concurrency bound and rate
-limit hold across requests. Only the deployment's judges are built: `policy:<model>` (the
+limits hold across requests; with REDIS_URL they hold across replicas and stage workers too (one
+budget per backend in Redis, selfreward.llm.limits.SharedLimits). Only the deployment's judges are built: `policy:<model>` (the
 deployment's policy service), the default judge, and specs matching SELFREWARD_ALLOWED_BACKENDS;
 at most SELFREWARD_MAX_JUDGES (32) are kept, the least recently used closed first. All judges
 share one verdict cache, which degrades to no cache while Redis is away (/healthz says so).
@@ -144,6 +145,7 @@ class JudgePool:
                     policy_url=s.policy_url,
                     self_model=s.self_model,
                     teacher=s.config.teacher,
+                    redis_url=s.redis_url,
                     observer=self.metrics,
                     cache=self.cache,
                 )

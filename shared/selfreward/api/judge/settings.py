@@ -2,7 +2,8 @@
 
 SELFREWARD_CONFIG        run config YAML (judge and teacher sections); default: built-in defaults
                          (SELFREWARD_<SECTION>__<FIELD> overrides apply either way)
-REDIS_URL                verdict cache shared by replicas and restarts; unset = in-process cache
+REDIS_URL                verdict cache shared by replicas and restarts, and each backend's limits
+                         shared by replicas and stage workers; unset = in-process cache and limits
 POLICY_URL               the policy service for policy:* judges; default services.policy_url
 SELFREWARD_SELF_MODEL    the served name `policy:self` resolves to (M(t))
 SELFREWARD_DEFAULT_JUDGE judge of requests that name none; default: the config's feedback judge
