@@ -245,3 +245,98 @@ def test_failed_stage_resume_killed_horse_and_lost_worker_lose_nothing(
     assert first.exit_code == 0 and "InputError" in first.output, first.output
     none = CliRunner().invoke(app, ["logs", "r2", "1", "judgments", "--root", root, "--attempt", "7"])
     assert none.exit_code != 0 and "attempts: 1, 2" in none.output
+
+
+@pytest.mark.timeout(900)
+def test_a_sharded_judgments_stage_loses_nothing_when_a_worker_is_killed(
+    tmp_path: Path, redis_url: str, redis_conn, tiny_model_dir: Path, policy_server
+) -> None:
+    """services.judge_shards 3: the judgments stage runs as 3 shard jobs on the judge queue taken
+    by 2 workers in parallel, then its own job merges them. A worker SIGKILLed mid-shard: its
+    shard is shown worker_lost and retried, resuming from its shard file; the merged judgments
+    hold every candidate exactly once in the candidates' order, the killed shard's records as
+    they were; the shard files are gone; the stage's progress is the sum of its shards'."""
+    from test_coordinator_api import cluster, deployment, run_body
+
+    from selfreward.judging.files import shard_of, shard_path
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"Name a thing about topic {i}."}) + "\n" for i in range(60))
+    )
+    body = run_body(
+        "sh",
+        tiny_model_dir,
+        policy_server.url,
+        prompts={"source": "file", "file": str(prompts), "num_prompts": 60},
+        candidates={"n": 2, "max_tokens": 16},
+        judge={"concurrency": 1, "mode": "sample", "samples": 2, "max_tokens": 16},
+        services={"judge_shards": 3},
+    )
+    run_dir = tmp_path / "artifacts" / "runs" / "sh"
+    judgments = run_dir / "iter-1" / "judgments.jsonl"
+    env = deployment(policy_server.url, tiny_model_dir, tmp_path)
+    with cluster(tmp_path, redis_url, env) as c, c.client() as api:
+        assert api.post("/runs", json=body).status_code == 201
+        jobs = api.post("/runs/sh/iterations").json()["jobs"]
+        assert {"1:judgments#0/3", "1:judgments#1/3", "1:judgments#2/3", "1:judgments"} <= set(jobs)
+        w1, _w2 = c.start_worker(1), c.start_worker(2)
+
+        def stage() -> dict[str, Any]:
+            detail = api.get("/runs/sh/iterations/1").json()
+            return {s["stage"]: s for s in detail["stages"]}["judgments"]
+
+        # wait until w1 runs a shard that has written some of its records, then kill w1
+        deadline = time.monotonic() + 400
+        while True:
+            s = stage()
+            mine = [
+                x
+                for x in s.get("shards", [])
+                if x.get("state") == "running" and x.get("worker", "").startswith("w1-")
+            ]
+            if mine:
+                i = int(mine[0]["shard"].split("#")[1].split("/")[0])
+                path = shard_path(judgments, i, 3)
+                if path.is_file() and path.read_bytes().count(b"\n") >= 2:
+                    break
+            assert time.monotonic() < deadline, s
+            time.sleep(0.1)
+        os.kill(w1.pid, signal.SIGKILL)
+        killed = mine[0]["shard"]
+        assert s["state"] == "running" and s["progress"]["shards"] == 3
+        parts = [x.get("progress") or {} for x in s["shards"]]
+        assert s["progress"]["done"] == sum(p.get("done") or 0 for p in parts)
+        assert s["progress"]["total"] == (sum(p.get("total") or 0 for p in parts) or None)
+        before = {r["id"]: r for r in load_jsonl(shard_path(judgments, i, 3))}
+        assert before and read_manifest(run_dir / "iter-1" / "judgments.manifest.json") is None
+        deadline = time.monotonic() + 120
+        while (x := {y["shard"]: y for y in stage().get("shards", [])}[killed])["state"] != "worker_lost":
+            assert time.monotonic() < deadline, x
+            time.sleep(0.5)
+        deadline = time.monotonic() + 400
+        while read_manifest(run_dir / "iter-1" / "judgments.manifest.json") is None:
+            assert time.monotonic() < deadline, stage()
+            time.sleep(1)
+        s = stage()
+        assert api.post("/runs/sh/cancel").status_code in (200, 202)
+    cands = load_jsonl(run_dir / "iter-1" / "candidates.jsonl")
+    judged = load_jsonl(judgments)
+    assert [r["id"] for r in judged] == [r["id"] for r in cands]  # each once, the candidates' order
+    by_id = {r["id"]: r for r in judged}
+    assert all(by_id[k] == v for k, v in before.items())  # the killed shard's records kept
+    assert all(shard_of(by_id[k]["prompt_id"], 3) == i for k in before)
+    assert not any(shard_path(judgments, j, 3).exists() for j in range(3))
+    manifest = read_manifest(run_dir / "iter-1" / "judgments.manifest.json")
+    assert manifest["from_shards"] == {"shards": 3, "records": len(cands)} and manifest["judged"] == len(
+        cands
+    )
+    shards = {x["shard"]: x for x in s["shards"]}
+    assert [a["outcome"] for a in shards[killed]["attempts"]] == ["worker_lost", "done"]
+    assert all([a["outcome"] for a in x["attempts"]] == ["done"] for k, x in shards.items() if k != killed)
+    # two workers judged in parallel: w2's shard ran while w1's did
+    spans = [(a["started_at"], a["ended_at"], a["worker"]) for x in shards.values() for a in x["attempts"]]
+    first = next(sp for sp in spans if sp[2].startswith("w1-"))
+    assert any(sp[2].startswith("w2-") and sp[0] < first[1] and first[0] < sp[1] for sp in spans), spans
+    logs = run_dir / "logs" / "iter-1"
+    assert (logs / f"judgments.shard-{i}-of-3.2.log").is_file()

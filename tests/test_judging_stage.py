@@ -172,3 +172,41 @@ def test_cli_score_and_compare(fake: FakeGemini, tmp_path: Path) -> None:
     assert (
         row["id"] == "q1" and row["preference"] == 1.0 and row["ab"]["winner"] == row["ba"]["winner"] == "A"
     )
+
+
+def test_shards_split_by_prompt_resume_and_merge_each_record_once_in_candidates_order(
+    fake: FakeGemini, tmp_path: Path
+) -> None:
+    """Three shards of 12 prompts x 2 candidates: each shard judges only its prompts into its
+    own file, a shard run again judges nothing twice, the merge keeps the candidates' order and
+    each record once, and removes the shard files."""
+    import asyncio
+
+    from selfreward.judging.files import ajudge_candidates, merge_shards, shard_of, shard_path
+
+    cands = tmp_path / "candidates.jsonl"
+    records = write_candidates(cands, prompts=12)
+    out = tmp_path / "judgments.jsonl"
+    judge = judge_of(fake, samples=1)
+
+    async def shard(i: int) -> dict[str, Any]:
+        try:
+            return await ajudge_candidates(cands, out, judge, shard=(i, 3))
+        finally:
+            await judge.aclose()  # each shard in an event loop of its own, as each shard job
+
+    sizes = {i: sum(1 for r in records if shard_of(r.prompt_id, 3) == i) for i in range(3)}
+    assert sorted(sizes.values()) != [0, 0, 24] and sum(sizes.values()) == 24
+    first = asyncio.run(shard(0))
+    assert first["judged"] == sizes[0] and not out.exists()
+    part = load_jsonl(shard_path(out, 0, 3))
+    assert {shard_of(r["prompt_id"], 3) for r in part} == {0}
+    requests = len(fake.requests)
+    assert asyncio.run(shard(0))["judged"] == 0 and len(fake.requests) == requests  # resumed: nothing twice
+    for i in (1, 2):
+        asyncio.run(shard(i))
+    assert merge_shards(cands, out, 3) == 24
+    merged = load_jsonl(out)
+    assert [r["id"] for r in merged] == [r.id for r in records]
+    assert not any(shard_path(out, i, 3).exists() for i in range(3))
+    assert merge_shards(cands, out, 3) == 0 and len(load_jsonl(out)) == 24  # idempotent

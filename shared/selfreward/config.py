@@ -353,6 +353,15 @@ class ServicesConfig(StrictModel):
         [10, 60, 300],
         description="distributed mode: a failed stage job is retried after each of these delays (RQ Retry)",
     )
+    judge_shards: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="distributed mode: the judging stages (judgments, reference_judgments, "
+        "future_judgments) split their candidates into this many shards (by prompt), each a job on "
+        "the judge queue that any worker takes, merged when all are done; the embedded mode judges "
+        "in one process",
+    )
 
 
 class JudgeBenchSetConfig(StrictModel):

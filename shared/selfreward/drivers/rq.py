@@ -28,7 +28,7 @@ from selfreward.drivers.state import LIVE, IterationState, RunStore
 from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
 from selfreward.progress import Progress, rq_meta_sink
 from selfreward.stages import plan
-from selfreward.stages.stage import Stage
+from selfreward.stages.stage import Stage, StageContext
 from selfreward.storage import RunLayout, sha256_text
 
 # errors a retry cannot fix: the stage fails at once (fix the cause, then resume the iteration)
@@ -42,6 +42,26 @@ def _job_id(run_id: str, t: int, stage_t: int, stage: str, attempt: int) -> str:
     if safe != run_id:
         safe += "_" + sha256_text(run_id)[:8]
     return f"{safe}-it{t}-a{attempt}-{stage_t}-{stage}"
+
+
+def shard_name(stage: str, i: int, n: int) -> str:
+    """The job name of shard i of n of a stage: "judgments#1/3"."""
+    return f"{stage}#{i}/{n}"
+
+
+def parse_shard(name: str) -> tuple[str, tuple[int, int] | None]:
+    """("judgments", (1, 3)) for "judgments#1/3"; (name, None) for a stage's own job."""
+    stage, sep, rest = name.partition("#")
+    if not sep:
+        return name, None
+    i, _, n = rest.partition("/")
+    return stage, (int(i), int(n))
+
+
+def log_name(name: str) -> str:
+    """The stage-log name of a job name: "judgments.shard-1-of-3" for a shard (a file name)."""
+    stage, shard = parse_shard(name)
+    return stage if shard is None else f"{stage}.shard-{shard[0]}-of-{shard[1]}"
 
 
 def chain_of(layout: RunLayout, t: int, method: str | None = None) -> list[tuple[int, Stage]]:
@@ -72,17 +92,21 @@ def enqueue_stage(
     stage: Stage,
     *,
     attempt: int = 0,
-    depends_on: Job | None = None,
+    depends_on: Job | list[Job] | None = None,
     retry: Retry | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Job:
-    """One stage job on the stage's queue, with its timeout (part of iteration t's chain)."""
+    """One stage job on the stage's queue, with its timeout (part of iteration t's chain);
+    with `shard` (i, n), the job of shard i of n of a shardable stage."""
+    name = stage.name if shard is None else shard_name(stage.name, *shard)
+    job_part = stage.name if shard is None else f"{stage.name}-s{shard[0]}of{shard[1]}"
     return Queue(stage.queue, connection=conn).enqueue(
         "selfreward.drivers.rq.run_stage_job",
         run_id,
         t,
         stage_t,
-        stage.name,
-        job_id=_job_id(run_id, t, stage_t, stage.name, attempt),
+        name,
+        job_id=_job_id(run_id, t, stage_t, job_part, attempt),
         depends_on=depends_on,
         retry=retry,
         job_timeout=stage.timeout_s,
@@ -90,8 +114,8 @@ def enqueue_stage(
         failure_ttl=30 * 24 * 3600,
         on_failure=Callback(on_stage_failure),
         on_stopped=Callback(on_stage_stopped),
-        description=f"{run_id} iteration {t}: {stage.name} (iter-{stage_t})",
-        meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": stage.name},
+        description=f"{run_id} iteration {t}: {name} (iter-{stage_t})",
+        meta={"run": run_id, "t": t, "stage_t": stage_t, "stage": name},
     )
 
 
@@ -116,10 +140,28 @@ def enqueue_iteration(conn: redis.Redis, store: RunStore, run_id: str, t: int) -
     jobs: dict[str, str] = {}
     prev_job: Job | None = None
     chain = chain_of(layout, t, config.variant)
+    n = config.services.judge_shards
     for stage_t, stage in chain:
-        job = enqueue_stage(
-            conn, run_id, t, stage_t, stage, attempt=attempt, depends_on=prev_job, retry=retry
-        )
+        depends: Job | list[Job] | None = prev_job
+        if stage.shardable and n > 1:  # n shard jobs in parallel, then the stage's job merges
+            shards = [
+                enqueue_stage(
+                    conn,
+                    run_id,
+                    t,
+                    stage_t,
+                    stage,
+                    attempt=attempt,
+                    depends_on=prev_job,
+                    retry=retry,
+                    shard=(i, n),
+                )
+                for i in range(n)
+            ]
+            for i, shard_job in enumerate(shards):
+                jobs[f"{stage_t}:{shard_name(stage.name, i, n)}"] = shard_job.id
+            depends = shards
+        job = enqueue_stage(conn, run_id, t, stage_t, stage, attempt=attempt, depends_on=depends, retry=retry)
         jobs[f"{stage_t}:{stage.name}"] = job.id
         prev_job = job
     state = IterationState(
@@ -167,10 +209,11 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
     (RunLayout.stage_log); the iteration shows `running` once its own first stage starts and
     `waiting_for_setup` while set-up stages at the head of its chain run.
     """
-    from selfreward.stages.stage import StageContext, run_stage
+    from selfreward.stages.stage import run_stage
 
     job = get_current_job()
     assert job is not None, "run_stage_job runs inside an RQ worker"
+    base, shard = parse_shard(stage)
     store = RunStore(job.connection)
     state = store.iteration(run_id, t)
     if state is not None and state.status == "cancelled":
@@ -189,10 +232,15 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
         progress=Progress(rq_meta_sink(job)),
         redis_url=redis_url_of(job.connection),
         earlier_seconds=earlier,
+        shard=shard,
     )
-    with capture(layout.stage_log(stage_t, stage, attempt)):
+    with capture(layout.stage_log(stage_t, log_name(stage), attempt)):
         log.info("%s iteration %d: %s (iter-%d), attempt %d", run_id, t, stage, stage_t, attempt)
-        the_stage = plan.stage_named(stage, stage_t, config.variant)
+        the_stage = plan.stage_named(base, stage_t, config.variant)
+        if shard is not None:
+            result = run_shard(ctx, the_stage)
+            store.end_attempt(run_id, stage_t, stage, job_id=job.id, outcome="done")
+            return {"stage": stage, "iteration": stage_t, "shard": list(shard), "result": result}
         manifest = run_stage(ctx, the_stage)
         log.info("%s done in %.1f s: %s", stage, manifest["seconds"], the_stage.result_of(manifest).summary())
     store.end_attempt(run_id, stage_t, stage, job_id=job.id, outcome="done")
@@ -201,6 +249,34 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
         store.update_iteration(run_id, t, status="done", finished_at=time.time())
         write_report(layout)
     return {"stage": stage, "iteration": stage_t, "manifest": manifest}
+
+
+def run_shard(ctx: StageContext, stage: Stage) -> dict[str, Any]:
+    """One shard of a shardable stage (ctx.shard set): its part of the work and no manifest (the
+    stage's own job writes it after merging the shards); a stage already done has nothing to do.
+    Errors a user must fix surface as `StageError` naming the stage, as in `execute`."""
+    import asyncio
+
+    from selfreward.errors import SelfRewardError
+
+    if plan.is_done(ctx.layout, ctx.t, stage):
+        return {"skipped": "the stage is done"}
+
+    async def go() -> dict[str, Any]:
+        started = time.time()
+        async with ctx:
+            try:
+                result = await stage.run(ctx)
+            except StageError:
+                raise
+            except SelfRewardError as exc:
+                raise StageError(stage.name, str(exc)) from exc
+        log.info(
+            "%s shard %s done in %.1f s: %s", stage.name, ctx.shard, time.time() - started, result.summary()
+        )
+        return result.manifest_fields()
+
+    return asyncio.run(go())
 
 
 def write_report(layout: RunLayout) -> None:
@@ -241,7 +317,7 @@ def on_stage_failure(job: Job, connection: redis.Redis, exc_type: Any, exc: Base
         meta["run"],
         meta["t"],
         status="failed",
-        failed_stage=meta["stage"],
+        failed_stage=parse_shard(meta["stage"])[0],
         error=message[:4000],
         finished_at=time.time(),
     )

@@ -102,6 +102,44 @@ def _by_instruction(items: list[JudgeInput]) -> list[list[JudgeInput]]:
     return list(groups.values())
 
 
+# ---------------------------------------------------------------- shards
+
+
+def shard_of(prompt_id: str, n: int) -> int:
+    """The shard (0..n-1) of a prompt's candidates: by a hash of the prompt id, so the
+    candidates of one prompt stay in one shard (one request scores them) and any process
+    computes the same split."""
+    return int(sha256_text(prompt_id)[:8], 16) % n
+
+
+def shard_path(out_path: str | Path, i: int, n: int) -> Path:
+    """Where shard i of n of `out_path` is written: judgments.jsonl -> judgments.shard-1-of-3.jsonl."""
+    out = Path(out_path)
+    return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
+
+
+def merge_shards(candidates_path: str | Path, out_path: str | Path, n: int) -> int:
+    """Append the records of the n shard files to `out_path`, in the candidates file's order,
+    each once (records already there are kept as they are), then delete the shard files.
+    Returns the records merged. Crash-safe: re-running it after a crash merges what is missing
+    (the shard files are deleted only after every record is in `out_path`)."""
+    shards = [shard_path(out_path, i, n) for i in range(n)]
+    found: dict[str, dict[str, Any]] = {}
+    for path in shards:
+        if path.is_file():
+            for _, rec in read_jsonl(path):
+                found.setdefault(str(rec["id"]), rec)
+    merged = 0
+    with ResumableJsonl(out_path, key=lambda r: str(r["id"])) as out:
+        for x in read_judge_inputs(candidates_path):
+            if x.id not in out and x.id in found:
+                out.append(found[x.id])
+                merged += 1
+    for path in shards:
+        path.unlink(missing_ok=True)
+    return merged
+
+
 async def ajudge_candidates(
     candidates_path: str | Path,
     out_path: str | Path,
@@ -110,10 +148,16 @@ async def ajudge_candidates(
     *,
     samples: int | None = None,
     stage: str = "judgments",
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Judge every candidate not yet in `out_path`; returns counts (see module docstring).
-    `stage` names the progress task and the error (the loop's judging stages)."""
+    `stage` names the progress task and the error (the loop's judging stages). `shard` (i, n):
+    only the candidates of shard i (`shard_of`), written to `shard_path(out_path, i, n)`."""
     inputs = read_judge_inputs(candidates_path)
+    if shard is not None:
+        i, n = shard
+        inputs = [x for x in inputs if shard_of(x.prompt_id, n) == i]
+        out_path = shard_path(out_path, i, n)
     kinds: Counter[str] = Counter()
     counts: dict[str, Any] = {
         "candidates": len(inputs),

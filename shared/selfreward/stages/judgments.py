@@ -39,9 +39,13 @@ async def judge_file(
     """Judge the iteration's `source` file into its `output` file with judge `spec` (policy:self
     = `self_model`), in this process or through the judge service (`services.judge_url`);
     resumable record by record (`selfreward.judging.files.ajudge_candidates`). The one way the
-    loop's judging stages (judgments, reference_judgments, future_judgments) judge a file."""
+    loop's judging stages (judgments, reference_judgments, future_judgments) judge a file.
+
+    Sharded (distributed mode, `services.judge_shards` > 1): a shard job (`ctx.shard` = (i, n))
+    judges shard i into its own file; the stage's own job then merges the shard files in the
+    candidates' order (`selfreward.judging.files.merge_shards`) and judges whatever is missing."""
     cfg = ctx.config
-    from selfreward.judging.files import ajudge_candidates
+    from selfreward.judging.files import ajudge_candidates, merge_shards
 
     judge: Any
     if cfg.services.judge_url:
@@ -67,7 +71,24 @@ async def judge_file(
             client=ctx.policy,
         )
     try:
-        return await ajudge_candidates(ctx.file(source), ctx.file(output), judge, ctx.progress, stage=output)
+        if ctx.shard is not None:
+            return await ajudge_candidates(
+                ctx.file(source), ctx.file(output), judge, ctx.progress, stage=output, shard=ctx.shard
+            )
+        merged = 0
+        n = cfg.services.judge_shards
+        if n > 1:  # the shard jobs wrote their parts: merge them, then judge anything missing
+            merged = merge_shards(ctx.file(source), ctx.file(output), n)
+        counts = await ajudge_candidates(
+            ctx.file(source), ctx.file(output), judge, ctx.progress, stage=output
+        )
+        if merged:
+            counts.update(
+                judged=counts["judged"] + merged,
+                already_judged=counts["already_judged"] - merged,
+                from_shards={"shards": n, "records": merged},
+            )
+        return counts
     finally:
         await judge.aclose()
 
@@ -77,7 +98,9 @@ async def run(ctx: StageContext) -> JudgmentsResult:
     spec = cfg.feedback_judge()
     if spec is None:
         return JudgmentsResult(skipped=f"{cfg.variant} pairs need no judge")
-    return JudgmentsResult(**await judge_file(ctx, spec, self_model=await ctx.served()))
+    # M(t)'s served name only where the judge is M(t) (a teacher judges without the policy)
+    model = await ctx.served() if spec.startswith("policy:self") else None
+    return JudgmentsResult(**await judge_file(ctx, spec, self_model=model))
 
 
 STAGE = Stage(
@@ -85,5 +108,6 @@ STAGE = Stage(
     run=run,
     queue="judge",
     result=JudgmentsResult,
+    shardable=True,
     description="K verdicts per candidate from the feedback judge",
 )

@@ -34,5 +34,6 @@ STAGE = Stage(
     run=run,
     queue="judge",
     result=JudgmentsResult,
+    shardable=True,
     description="the candidates judged again by the previous judge M(t-1) (cream's consistency)",
 )

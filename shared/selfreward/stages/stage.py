@@ -93,6 +93,9 @@ class Stage:
     needs_policy: Callable[[RunConfig], bool] = always
     timeout_s: int = DEFAULT_TIMEOUT_S
     description: str = ""
+    # the stage can run as `services.judge_shards` shard jobs plus a merge (distributed mode):
+    # with StageContext.shard set, `run` does shard i of n only and its result is not a manifest
+    shardable: bool = False
 
     def result_of(self, manifest: dict[str, Any]) -> StageResult:
         """The typed result held by one of this stage's manifests (InputError when it holds none)."""
@@ -134,6 +137,7 @@ class StageContext:
     policy_url: str | None = None
     redis_url: str | None = None
     earlier_seconds: float = 0.0  # wall time of this stage's earlier attempts (distributed mode)
+    shard: tuple[int, int] | None = None  # (i, n): shard i of n of a shardable stage
     _policy: OpenAICompatClient | None = field(default=None, init=False, repr=False)
     _served: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 

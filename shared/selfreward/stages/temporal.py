@@ -93,6 +93,7 @@ FUTURE_JUDGMENTS = Stage(
     run=future_judgments,
     queue="judge",
     result=JudgmentsResult,
+    shardable=True,
     description="temporal: M(t) judges the future model's answers",
 )
 

@@ -20,8 +20,12 @@ Knobs (thread-safe; set them between or during requests):
 - `block_next(times, reason)`: the prompt is blocked (no candidates, promptFeedback);
 - `slow_next(seconds, times)`: the next requests answer only after `seconds` (client timeouts);
 - `delay_s`: seconds each request takes (to observe concurrency);
+- `quota_rpm`, `quota_window_s`: a hard quota as a provider enforces it: a request arriving
+  while `quota_rpm` requests were accepted in the last `quota_window_s` (60) seconds gets 429
+  RESOURCE_EXHAUSTED with a Retry-After header and is not served;
 - `api_key`: when set, other keys get Google's 400 API_KEY_INVALID.
-Observations: `requests` (model, body, whether the key matched, arrival time), `max_in_flight`.
+Observations: `requests` (model, body, whether the key matched, arrival time), `max_in_flight`,
+`over_quota` (429s sent for the quota), `peak_in_window` (most requests accepted in any window).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,8 +84,13 @@ class FakeGemini:
         }
     )
     delay_s: float = 0.0
+    quota_rpm: int | None = None
+    quota_window_s: float = 60.0
     requests: list[SeenRequest] = field(default_factory=list)
     max_in_flight: int = 0
+    over_quota: int = 0
+    peak_in_window: int = 0
+    _accepted: deque[float] = field(default_factory=deque)
     _in_flight: int = 0
     _script: list[_Scripted] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,6 +130,22 @@ class FakeGemini:
             self._script.clear()
             self.requests.clear()
             self.max_in_flight = 0
+            self.over_quota = 0
+            self.peak_in_window = 0
+            self._accepted.clear()
+
+    def _over_quota(self, now: float) -> float | None:
+        """Seconds until the quota admits a request arriving at `now` (None: admitted, counted)."""
+        if self.quota_rpm is None:
+            return None
+        while self._accepted and now - self._accepted[0] >= self.quota_window_s:
+            self._accepted.popleft()
+        if len(self._accepted) >= self.quota_rpm:
+            self.over_quota += 1
+            return self.quota_window_s - (now - self._accepted[0])
+        self._accepted.append(now)
+        self.peak_in_window = max(self.peak_in_window, len(self._accepted))
+        return None
 
     @property
     def calls(self) -> int:
@@ -195,9 +221,15 @@ def _build_app(fake: FakeGemini) -> FastAPI:
         except json.JSONDecodeError:
             return JSONResponse(_error_body(400, "INVALID_ARGUMENT", "Invalid JSON payload received."), 400)
         with fake._lock:
-            fake.requests.append(
-                SeenRequest(model, body, fake.api_key is None or key == fake.api_key, time.time())
-            )
+            now = time.time()
+            wait = fake._over_quota(time.monotonic())
+            if wait is not None:
+                return JSONResponse(
+                    _error_body(429, "RESOURCE_EXHAUSTED", "Quota exceeded (requests per minute)."),
+                    429,
+                    {"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+            fake.requests.append(SeenRequest(model, body, fake.api_key is None or key == fake.api_key, now))
             scripted = fake._script.pop(0) if fake._script else None
             fake._in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)

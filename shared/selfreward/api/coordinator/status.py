@@ -12,6 +12,7 @@ from rq.job import Job
 from rq.utils import utcparse
 from rq.worker import Worker
 
+from selfreward.drivers.rq import parse_shard
 from selfreward.drivers.state import RunNotFound, RunStore
 from selfreward.drivers.worker import LOST_AFTER_S
 from selfreward.stages import plan
@@ -57,6 +58,85 @@ def _job_for(store: RunStore, run_id: str, t: int, stage: str) -> str | None:
     return best[2] if best else None
 
 
+def _job_state(
+    store: RunStore, conn: redis.Redis, run_id: str, t: int, name: str, job_id: str | None
+) -> dict[str, Any]:
+    """State, progress, retries, worker (lost or not) and error of the job of `name` (a stage or
+    one of its shards), and its attempts."""
+    entry: dict[str, Any] = {}
+    if job_id:
+        entry["job_id"] = job_id
+        try:
+            job = Job.fetch(job_id, connection=conn)
+        except NoSuchJobError:
+            job = None
+        if job is not None:
+            status = _status(job)
+            entry["state"] = RQ_STATE.get(status, status)
+            if job.retries_left is not None:
+                entry["retries_left"] = job.retries_left
+            if "progress" in job.meta:
+                entry["progress"] = job.meta["progress"]
+            if entry["state"] == "running" and job.worker_name:
+                entry["worker"] = job.worker_name
+                beat = worker_heartbeat(conn, job.worker_name)
+                entry["last_heartbeat"] = beat
+                if beat is None or time.time() - beat > LOST_AFTER_S:
+                    # the worker stopped sending heartbeats: RQ retries the job once its
+                    # registry entry expires (docs/api.md, "When a worker is lost")
+                    entry["state"] = "worker_lost"
+            if entry["state"] == "failed":
+                result = job.latest_result()
+                if result is not None and result.exc_string:
+                    entry["error"] = result.exc_string.strip().splitlines()[-1][:2000]
+    attempts = store.attempts(run_id, t, name)
+    if attempts:
+        entry["attempts"] = attempts
+    return entry
+
+
+def _shard_names(store: RunStore, run_id: str, t: int, stage: str) -> list[str]:
+    """The shard job names ("judgments#0/3", ...) of stage (t, stage) in the newest chain that has them."""
+    best: tuple[int, int, list[str]] | None = None
+    prefix = f"{t}:{stage}#"
+    for it in store.iterations(run_id):
+        st = store.iteration(run_id, it)
+        if st is None:
+            continue
+        names = sorted((k.split(":", 1)[1] for k in st.jobs if k.startswith(prefix)), key=parse_shard)
+        if names and (best is None or (st.attempt, it) > best[:2]):
+            best = (st.attempt, it, names)
+    return best[2] if best else []
+
+
+# while a stage's merge job waits for its shards, the stage shows its most pressing shard state
+_PRESSING = ("failed", "worker_lost", "running", "retrying", "queued", "waiting", "done")
+
+
+def _with_shards(entry: dict[str, Any], shards: list[dict[str, Any]]) -> None:
+    entry["shards"] = shards
+    if entry.get("state") not in ("waiting", "pending"):
+        return
+    states = {s.get("state", "pending") for s in shards}
+    for state in _PRESSING:
+        if state in states:
+            entry["state"] = "running" if state == "done" else state
+            break
+    done = total = 0
+    for s in shards:
+        p = s.get("progress") or {}
+        done += int(p.get("done") or 0)
+        total += int(p.get("total") or 0)
+    entry["progress"] = {
+        "task": entry["stage"],
+        "done": done,
+        "total": total or None,
+        "shards": len(shards),
+        "shards_started": sum(1 for s in shards if s.get("progress") or s.get("state") != "queued"),
+        "shards_done": sum(1 for s in shards if s.get("state") == "done"),
+    }
+
+
 def stage_states(
     store: RunStore, conn: redis.Redis, run_id: str, layout: RunLayout, t: int
 ) -> list[dict[str, Any]]:
@@ -64,37 +144,17 @@ def stage_states(
     for s in plan.stages_of(t, store.config(run_id).variant):
         stage = s.name
         entry: dict[str, Any] = {"stage": stage, "queue": s.queue, "state": "pending"}
+        entry.update(_job_state(store, conn, run_id, t, stage, _job_for(store, run_id, t, stage)))
+        if s.shardable:
+            names = _shard_names(store, run_id, t, stage)
+            if names:
+                shards = []
+                for name in names:
+                    shard = {"shard": name, "state": "pending"}
+                    shard.update(_job_state(store, conn, run_id, t, name, _job_for(store, run_id, t, name)))
+                    shards.append(shard)
+                _with_shards(entry, shards)
         manifest = read_manifest(layout.stage_manifest(t, stage))
-        job_id = _job_for(store, run_id, t, stage)
-        if job_id:
-            entry["job_id"] = job_id
-        if job_id:
-            try:
-                job = Job.fetch(job_id, connection=conn)
-            except NoSuchJobError:
-                job = None
-            if job is not None:
-                status = _status(job)
-                entry["state"] = RQ_STATE.get(status, status)
-                if job.retries_left is not None:
-                    entry["retries_left"] = job.retries_left
-                if "progress" in job.meta:
-                    entry["progress"] = job.meta["progress"]
-                if entry["state"] == "running" and job.worker_name:
-                    entry["worker"] = job.worker_name
-                    beat = worker_heartbeat(conn, job.worker_name)
-                    entry["last_heartbeat"] = beat
-                    if beat is None or time.time() - beat > LOST_AFTER_S:
-                        # the worker stopped sending heartbeats: RQ retries the job once its
-                        # registry entry expires (docs/api.md, "When a worker is lost")
-                        entry["state"] = "worker_lost"
-                if entry["state"] == "failed":
-                    result = job.latest_result()
-                    if result is not None and result.exc_string:
-                        entry["error"] = result.exc_string.strip().splitlines()[-1][:2000]
-        attempts = store.attempts(run_id, t, stage)
-        if attempts:
-            entry["attempts"] = attempts
         if manifest is not None:
             entry["state"] = "done"
             entry["counts"] = {k: v for k, v in manifest.items() if k not in _BULKY}
@@ -123,7 +183,7 @@ def chain_status(
         if _status(job) == "failed":
             result = job.latest_result()
             error = result.exc_string.strip().splitlines()[-1] if result and result.exc_string else "failed"
-            return "failed", key.split(":", 1)[1], error
+            return "failed", parse_shard(key.split(":", 1)[1])[0], error
     return st.status, None, None
 
 
