@@ -54,7 +54,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # -> PolicyServer
+def lora_resolver_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder `policy_server`'s vLLM filesystem LoRA resolver reads (VLLM_LORA_RESOLVER_CACHE_DIR):
+    an adapter folder linked there under a name is served by that name on first request."""
+    return tmp_path_factory.mktemp("lora-resolver")
+
+
+@pytest.fixture(scope="session")
+def policy_server(
+    tiny_model_dir: Path, lora_resolver_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):  # -> PolicyServer
     """ONE real vLLM OpenAI-compatible server for the whole session (the policy service).
 
     It serves `tiny_model_dir` (random 2-layer Llama, real BPE tokenizer, ChatML template),
@@ -66,7 +75,8 @@ def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
       model      served name of the base model ("tiny")
       model_dir  the served folder
       log_path   vLLM's log
-    Tests that load adapters must unload them (or use unique names): the server is shared.
+    Tests that load adapters must unload them (or use unique names): the server is shared. It
+    runs with vLLM's filesystem LoRA resolver on `lora_resolver_dir`, as the deployments' replicas do.
     """
     from selfreward.config import PolicyServerConfig
     from selfreward.policy.launcher import PolicyServer
@@ -75,7 +85,14 @@ def policy_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     served = prepare_model(str(tiny_model_dir), tmp_path_factory.mktemp("tiny-cache"))
     policy = PolicyServerConfig(port=0, cpu_kvcache_gib=1, max_lora_rank=16, max_loras=2, max_logprobs=20)
     logs = tmp_path_factory.mktemp("policy-logs")
-    with PolicyServer(served, served_name="tiny", policy=policy, max_model_len=1024, log_dir=logs) as server:
+    env = {
+        **os.environ,
+        "VLLM_PLUGINS": "lora_filesystem_resolver",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(lora_resolver_dir),
+    }
+    with PolicyServer(
+        served, served_name="tiny", policy=policy, max_model_len=1024, log_dir=logs, env=env
+    ) as server:
         yield server
 
 

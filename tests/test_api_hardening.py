@@ -73,6 +73,9 @@ def test_a_posted_run_names_only_what_the_deployment_allows(
         "teacher.api_key_env": {"teacher": {"api_key_env": "SELFREWARD_API_TOKEN"}},
         "teacher.api_key_file": {"teacher": {"api_key_file": str(secret)}},
         "services.redis_url": {"services": {"redis_url": "redis://evil.test:6379/0"}},
+        # publish would load adapters on, and write links into, places the deployment did not choose
+        "services.policy_pool": {"services": {"policy_pool": "evil.test:8000"}},
+        "services.policy_lora_dir": {"services": {"policy_lora_dir": str(tmp_path / "elsewhere")}},
         "judge.template": {"judge": {"template": str(secret)}},
         "judge.compare_template": {"judge": {"compare_template": str(shipped / "link.txt")}},
         "eval.prompts": {"eval": {"prompts": f"alpaca_eval:{secret}"}},

@@ -385,8 +385,9 @@ for argv in json.loads(sys.argv[1]):
 print("RESULT " + json.dumps(out))
 """
 
-# stands in for `vllm`: prints its pid and its arguments, NUL-separated
-VLLM_STUB = '#!/bin/sh\nprintf \'%s\\0\' "$$" "$@"\n'
+# stands in for `vllm`: prints its pid, the LoRA resolver's folder it got (or "-"), its arguments,
+# NUL-separated
+VLLM_STUB = '#!/bin/sh\nprintf \'%s\\0\' "$$" "${VLLM_LORA_RESOLVER_CACHE_DIR:--}" "$@"\n'
 PHI2_TEMPLATE = REPO / "configs" / "templates" / "phi2-chat.jinja"
 
 
@@ -394,13 +395,18 @@ def exec_argv(local: Local, stub_dir: Path) -> list[str]:
     """The command line the container's command ends up exec'ing, found by running it (the GPU
     policy's `sh -c` entrypoint with a stub `vllm` first on PATH). The stub must run as the process
     the container started: `exec`, so that vLLM gets the container's signals."""
+    return exec_run(local, stub_dir)[0]
+
+
+def exec_run(local: Local, stub_dir: Path) -> tuple[list[str], str | None]:
+    """`exec_argv`, and the VLLM_LORA_RESOLVER_CACHE_DIR the exec'd vLLM gets (None: unset)."""
     env = {**local.env, "PATH": f"{stub_dir}:{local.env['PATH']}"}
     proc = subprocess.Popen(local.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
-    pid, *argv = out.decode().split("\0")[:-1]
+    pid, resolver_dir, *argv = out.decode().split("\0")[:-1]
     assert int(pid) == proc.pid, f"{local.spec.label}: vllm is not exec'd by the container's process"
-    return ["vllm", *argv]
+    return ["vllm", *argv], None if resolver_dir == "-" else resolver_dir
 
 
 def seen_by(spec: Spec, loc: Localiser, container_path: str) -> Path:
@@ -442,10 +448,18 @@ def test_gpu_policy_arguments_pass_vllms_parser(tmp_path: Path) -> None:
     for name, spec in runs.items():
         assert spec.image == "vllm"
         assert spec.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-        argv = exec_argv(loc.localise(spec, None), stub_dir)
+        assert spec.env["VLLM_PLUGINS"] == "lora_filesystem_resolver"
+        local = loc.localise(spec, None)
+        argv, resolver_dir = exec_run(local, stub_dir)
         assert argv[:2] == ["vllm", "serve"], argv
         assert ("--chat-template" in argv) is not name.endswith("-empty"), (name, argv)
         argvs[name] = argv[1:]
+        # the LoRA resolver's folder reaches vLLM once it exists (vLLM refuses a missing one)
+        folder = Path(local.env["VLLM_LORA_RESOLVER_CACHE_DIR"])
+        assert folder.name == "served-adapters" and not folder.exists() and resolver_dir is None, name
+        folder.mkdir(parents=True)
+        assert exec_run(local, stub_dir) == (argv, str(folder)), name
+        folder.rmdir()
     # the path goes through the shell as one argument
     spaced = compose_gpu_specs(POLICY_CHAT_TEMPLATE="/etc/my templates/t.j2")["policy"]
     argv = exec_argv(loc.localise(spaced, None), stub_dir)

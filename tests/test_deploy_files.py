@@ -497,6 +497,13 @@ def test_compose_topology_ports_gpus_health_and_start_order() -> None:
 
 TEMPLATES = REPO / "configs" / "templates"
 CONFIGS_MOUNT = "/etc/selfreward/configs"
+# the GPU policy's `sh -c` script (compose and Kubernetes): the LoRA resolver's folder only once it
+# exists, then vLLM exec'd with --chat-template only for a non-empty setting
+GPU_POLICY_SHELL = (
+    '[ -d "$VLLM_LORA_RESOLVER_CACHE_DIR" ] || unset VLLM_LORA_RESOLVER_CACHE_DIR; '
+    'exec vllm serve "$@" ${POLICY_CHAT_TEMPLATE:+--chat-template "$POLICY_CHAT_TEMPLATE"}'
+)
+LORA_RESOLVER_DIR = "/artifacts/cache/served-adapters"
 PHI2_TEMPLATE_PATH = f"{CONFIGS_MOUNT}/templates/phi2-chat.jinja"  # as the containers see it
 
 
@@ -520,7 +527,7 @@ def test_compose_policy_and_runs_share_the_chat_template() -> None:
     assert env_example()["POLICY_CHAT_TEMPLATE"] == PHI2_TEMPLATE_PATH
     services = compose_config([COMPOSE], filled_env())["services"]
     entrypoint = services["policy"]["entrypoint"]
-    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[2].startswith("exec vllm serve "), entrypoint
+    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[2] == GPU_POLICY_SHELL, entrypoint
     # configs/ read-only at the same path wherever a template or config is read; the file is there
     for name in ("policy", "judge", "trainer", "worker", "coordinator"):
         assert f"./configs:{CONFIGS_MOUNT}:ro" in services[name]["volumes"], name
@@ -673,10 +680,12 @@ def test_overlay_renders_and_matches_the_kubernetes_schemas(
         ("Deployment", "dashboard"),
         ("StatefulSet", "redis"),
         ("HorizontalPodAutoscaler", "judge"),
+        ("HorizontalPodAutoscaler", "worker"),
         ("PersistentVolumeClaim", "artifacts"),
         ("Service", "coordinator"),
         ("Service", "redis"),
         ("Service", "policy"),
+        ("Service", "policy-pool"),
         ("Service", "judge"),
     } <= kinds
     assert all(d["metadata"].get("namespace") == "selfreward" for d in docs if d["kind"] != "Namespace")
@@ -789,9 +798,11 @@ def test_references_resolve(overlay: str, rendered: dict[str, list[dict]]) -> No
         assert len(targets) == 1, f"Service {name} selects {len(targets)} workloads"
         port_names = {p["name"] for p in _pod(targets[0])["containers"][0]["ports"]}
         assert all(p["targetPort"] in port_names for p in svc["spec"]["ports"]), name
-    hpa = by_kind(docs, "HorizontalPodAutoscaler")["judge"]
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "judge"
-    assert "replicas" not in workloads(docs)["judge"]["spec"], "the HPA owns the judge's replica count"
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    for name, hpa in hpas.items():
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert (ref["kind"], ref["name"]) == ("Deployment", name) and name in workloads(docs), name
+        assert "replicas" not in workloads(docs)[name]["spec"], f"the HPA owns the {name}'s replica count"
     defaults = next(
         d for n, d in by_kind(docs, "ConfigMap").items() if n.startswith("selfreward-run-defaults")
     )
@@ -819,8 +830,9 @@ def test_network_policies_expose_only_the_coordinator(overlay: str, rendered: di
                 return False
         return True
 
-    def reachable(target: str, source_labels: dict | None) -> bool:
-        """Whether a pod with source_labels (None = outside the cluster) may open a connection to target."""
+    def reachable(target: str, source_labels: dict | None, namespace: str = "selfreward") -> bool:
+        """Whether a pod with source_labels in `namespace` (None = outside the cluster) may open a
+        connection to target (which runs in the namespace selfreward)."""
         applying = [
             p
             for p in policies
@@ -828,16 +840,22 @@ def test_network_policies_expose_only_the_coordinator(overlay: str, rendered: di
         ]
         if not applying:
             return True
+        namespace_labels = {"kubernetes.io/metadata.name": namespace}
         for p in applying:
             for rule in p["spec"].get("ingress", []):
                 if "from" not in rule:
                     return True
                 for peer in rule["from"]:
-                    if (
-                        source_labels is not None
-                        and "podSelector" in peer
-                        and selects(peer["podSelector"], source_labels)
-                    ):
+                    if source_labels is None:
+                        continue
+                    # a podSelector alone means the policy's own namespace
+                    in_namespace = (
+                        selects(peer["namespaceSelector"], namespace_labels)
+                        if "namespaceSelector" in peer
+                        else namespace == "selfreward"
+                    )
+                    pods = selects(peer["podSelector"], source_labels) if "podSelector" in peer else True
+                    if in_namespace and pods:
                         return True
         return False
 
@@ -848,6 +866,12 @@ def test_network_policies_expose_only_the_coordinator(overlay: str, rendered: di
     for name in labels:
         assert reachable("redis", labels[name]), f"{name} cannot reach redis"
         assert reachable("policy", labels[name]) and reachable("judge", labels[name])
+    # Prometheus (namespace monitoring) scrapes the judge, whose autoscaler needs its metric, and
+    # the coordinator; nothing else of ours, and no other namespace reaches the judge
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert {n for n in labels if reachable(n, prometheus, "monitoring")} == {"judge", "coordinator"}
+    assert {n for n in labels if reachable(n, prometheus, "elsewhere")} == {"coordinator"}
+    assert not reachable("judge", labels["judge"] | {"app.kubernetes.io/part-of": "x"}, "elsewhere")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -883,4 +907,194 @@ def test_overlay_chat_templates_match_the_repository(overlay: str, rendered: dic
         ref = env["POLICY_CHAT_TEMPLATE"]["valueFrom"]["configMapKeyRef"]
         assert (ref["name"], ref["key"]) == (defaults["metadata"]["name"], "SELFREWARD_MODEL__CHAT_TEMPLATE")
         assert not ref.get("optional")
-        assert vllm["command"][:2] == ["/bin/sh", "-c"] and vllm["command"][2].startswith("exec vllm serve ")
+        assert vllm["command"][:2] == ["/bin/sh", "-c"] and vllm["command"][2] == GPU_POLICY_SHELL
+
+
+# ================================================================ scaling
+
+
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_CPU]], ids=["gpu", "gpu+cpu"])
+def test_compose_scales_judge_and_worker(files: list[Path]) -> None:
+    """`docker compose up --scale judge=N --scale worker=N`: nothing on those services is unique
+    per project (a container name or a published host port would make the second replica fail),
+    each replica finds itself (its hostname) and shares the judges' cache and teachers' limits
+    (REDIS_URL); the policy is a pool the same way."""
+    services = compose_config(files, filled_env())["services"]
+    redis_url = "redis://:p4ss-w0rd@redis:6379/0"
+    for name in ("judge", "worker", "trainer", "policy"):
+        s = services[name]
+        assert "container_name" not in s, f"{name}: a container name cannot be scaled"
+        assert "hostname" not in s, (
+            f"{name}: one hostname for every replica (the worker health check reads it)"
+        )
+        assert not s.get("ports"), f"{name}: a published host port cannot be scaled"
+        assert "replicas" not in s.get("deploy", {}), f"{name}: --scale sets the count"
+    for name in ("judge", "worker"):
+        assert services[name]["environment"]["REDIS_URL"] == redis_url, name
+    # the workers reach the judges and the policy by service name (Docker's DNS answers every replica)
+    defaults = services["coordinator"]["environment"]
+    assert defaults["SELFREWARD_SERVICES__JUDGE_URL"] == "http://judge:8100"
+    assert defaults["SELFREWARD_SERVICES__POLICY_POOL"] == "policy:8000"
+    assert defaults["SELFREWARD_SERVICES__POLICY_LORA_DIR"] == LORA_RESOLVER_DIR
+    policy = services["policy"]["environment"]
+    assert (policy["VLLM_PLUGINS"], policy["VLLM_LORA_RESOLVER_CACHE_DIR"]) == (
+        "lora_filesystem_resolver",
+        LORA_RESOLVER_DIR,
+    )
+    assert LORA_RESOLVER_DIR.startswith("/artifacts/")  # on the volume the worker writes and the policy reads
+    worker_test = " ".join(services["worker"]["healthcheck"]["test"])
+    assert "socket.gethostname()" in worker_test  # each replica checks its own registration
+
+
+def _hpa_metrics(hpa: dict) -> list[dict]:
+    return list(hpa["spec"].get("metrics", []))
+
+
+ADAPTER_VALUES = K8S / "monitoring" / "prometheus-adapter-values.yaml"
+PODMONITOR = K8S / "monitoring" / "podmonitor.yaml"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscalers_scale_on_in_flight_requests_and_queue_depth(
+    overlay: str, rendered: dict[str, list[dict]]
+) -> None:
+    docs = rendered[overlay]
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {"judge", "worker"}
+    for name, hpa in hpas.items():
+        kinds = {m["type"] for m in _hpa_metrics(hpa)}
+        assert not kinds & {"Resource", "ContainerResource"}, f"{name}: a CPU/memory autoscaler remains"
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 8), name
+        behavior = hpa["spec"]["behavior"]
+        assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 30, name
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300, name
+    # the judge: judging requests in flight, per pod
+    (judge,) = _hpa_metrics(hpas["judge"])
+    assert judge["type"] == "Pods"
+    assert judge["pods"]["metric"] == {"name": "selfreward_judge_in_flight"}
+    assert judge["pods"]["target"] == {"type": "AverageValue", "averageValue": "16"}
+    # the workers: stage jobs waiting or running on the queues the worker serves
+    (worker,) = _hpa_metrics(hpas["worker"])
+    assert worker["type"] == "External"
+    metric = worker["external"]["metric"]
+    assert metric["name"] == "selfreward_queue_length"
+    exprs = {e["key"]: (e["operator"], set(e["values"])) for e in metric["selector"]["matchExpressions"]}
+    argv = _pod(workloads(docs)["worker"])["containers"][0]["command"]
+    served_queues = {argv[i + 1] for i, a in enumerate(argv) if a == "--queue"}
+    assert exprs == {"queue": ("In", served_queues), "state": ("In", {"queued", "started"})}
+    assert "matchLabels" not in metric["selector"]
+    assert worker["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
+    assert hpas["worker"]["spec"]["behavior"]["scaleDown"]["policies"] == [
+        {"type": "Pods", "value": 1, "periodSeconds": 60}
+    ]
+    # Prometheus finds the judge and the coordinator: annotations, and the Operator's PodMonitor
+    monitor = yaml.safe_load(PODMONITOR.read_text(encoding="utf-8"))
+    assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["namespace"] == "selfreward"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (expr,) = monitor["spec"]["selector"]["matchExpressions"]
+    assert (expr["key"], expr["operator"], set(expr["values"])) == (
+        "app.kubernetes.io/name",
+        "In",
+        {"judge", "coordinator"},
+    )
+    for name in ("judge", "coordinator"):
+        template = workloads(docs)[name]["spec"]["template"]
+        (port,) = template["spec"]["containers"][0]["ports"]
+        notes = template["metadata"]["annotations"]
+        assert notes == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port["containerPort"]),
+            "prometheus.io/path": "/metrics",
+        }, name
+        assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
+
+
+def test_prometheus_adapter_rules_serve_the_metrics_the_autoscalers_name(
+    rendered: dict[str, list[dict]], redis_url: str
+) -> None:
+    """The adapter's rules expose exactly the metrics the HPAs ask for, with the labels the
+    services export: the judge's gauge per pod, the coordinator's queue lengths by queue and state
+    (read from the running apps' /metrics)."""
+    from fastapi.testclient import TestClient
+
+    from selfreward.api.coordinator.app import create_app as coordinator_app
+    from selfreward.api.judge.app import create_app as judge_app
+    from selfreward.api.judge.settings import JudgeSettings
+
+    values = yaml.safe_load(ADAPTER_VALUES.read_text(encoding="utf-8"))
+    rules = values["rules"]
+    assert rules["default"] is False
+    (custom,) = rules["custom"]
+    (external,) = rules["external"]
+    hpas = by_kind(rendered["gpu"], "HorizontalPodAutoscaler")
+    assert custom["name"]["as"] == _hpa_metrics(hpas["judge"])[0]["pods"]["metric"]["name"]
+    assert external["name"]["as"] == _hpa_metrics(hpas["worker"])[0]["external"]["metric"]["name"]
+    # a Pods metric is per pod and namespace; an External one namespaced (the HPA's namespace)
+    assert custom["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+    assert external["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
+    for rule in (custom, external):
+        assert rule["seriesQuery"].startswith(rule["name"]["as"] + "{")
+        assert re.fullmatch(rf"\^{rule['name']['as']}\$", rule["name"]["matches"])
+        assert "<<.Series>>{<<.LabelMatchers>>}" in rule["metricsQuery"]
+    assert "by (<<.GroupBy>>)" in custom["metricsQuery"]
+    assert external["metricsQuery"].startswith("max by (queue, state) (")
+    # the series the services export
+    judge_metrics = TestClient(judge_app(JudgeSettings.from_env({}))).get("/metrics").text
+    assert re.search(r"^selfreward_judge_in_flight 0\.0$", judge_metrics, flags=re.M)
+    with TestClient(coordinator_app(redis_url=redis_url, api_token="t")) as client:
+        text = client.get("/metrics").text
+    series = set(re.findall(r'^selfreward_queue_length\{queue="(\w+)",state="(\w+)"\}', text, flags=re.M))
+    selector = {
+        e["key"]: e["values"]
+        for e in _hpa_metrics(hpas["worker"])[0]["external"]["metric"]["selector"]["matchExpressions"]
+    }
+    wanted = {(q, st) for q in selector["queue"] for st in selector["state"]}
+    assert wanted <= series, f"the coordinator exports no series for {wanted - series}"
+    for label in selector:
+        assert f"{label}!=" in external["seriesQuery"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_policy_pool_publishes_to_every_replica(overlay: str, rendered: dict[str, list[dict]]) -> None:
+    """The policy's replicas: a headless Service whose DNS name lists each (the runs' policy_pool),
+    the same pods behind the balancing Service, and the resolver folder that a replica started
+    later loads the published adapters from (the runs' policy_lora_dir, on the artifacts volume)."""
+    from selfreward.config import RunConfig
+
+    docs = rendered[overlay]
+    services = by_kind(docs, "Service")
+    pool, balanced = services["policy-pool"]["spec"], services["policy"]["spec"]
+    assert pool["clusterIP"] == "None" and pool["selector"] == balanced["selector"]
+    assert pool["ports"] == balanced["ports"]
+    policy = workloads(docs)["policy"]
+    assert policy["spec"]["replicas"] == 1  # the overlay's `replicas:` entry sets it
+    kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+    assert {"name": "policy", "count": 1} in kustomization["replicas"]
+    defaults = next(
+        d for n, d in by_kind(docs, "ConfigMap").items() if n.startswith("selfreward-run-defaults")
+    )
+    data = defaults["data"]
+    port = pool["ports"][0]["port"]
+    assert data["SELFREWARD_SERVICES__POLICY_POOL"] == f"policy-pool:{port}"
+    assert data["SELFREWARD_SERVICES__POLICY_LORA_DIR"] == LORA_RESOLVER_DIR
+    env = {e["name"]: e.get("value") for e in _pod(policy)["containers"][0]["env"]}
+    assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver"
+    assert env["VLLM_LORA_RESOLVER_CACHE_DIR"] == LORA_RESOLVER_DIR
+    # the resolver needs runtime LoRA updating (on CPU `policy serve` turns it on itself)
+    assert env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True") == "True"
+    # a run config with those defaults validates, and the pool is deployment-owned (docs/api.md)
+    from selfreward.api.coordinator.trust import OWNED
+
+    assert {("services", "policy_pool"), ("services", "policy_lora_dir")} <= set(OWNED)
+    cfg = RunConfig.model_validate(
+        {
+            "services": {
+                "policy_pool": data["SELFREWARD_SERVICES__POLICY_POOL"],
+                "policy_lora_dir": LORA_RESOLVER_DIR,
+            }
+        }
+    )
+    assert cfg.services.policy_pool == "policy-pool:8000"

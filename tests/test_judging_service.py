@@ -232,3 +232,52 @@ def test_remote_judge_speaks_the_judge_protocol(fake: FakeGemini, redis_url: str
             for field in ("template", "compare_template"):
                 with pytest.raises(ServiceError, match=f"configure the service with the run's judge.{field}"):
                     asyncio.run(other_template(field))
+
+
+def test_in_flight_gauge_counts_judging_requests_while_they_run(
+    fake: FakeGemini, redis_url: str, redis_conn: Any
+) -> None:
+    """selfreward_judge_in_flight, the judge's autoscaling signal: 1 while a slow /v1/score (or
+    /v1/compare) is answered, 0 once it is done, failed or refused; other routes do not count."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake.reply = lambda m, p, b: "m" if "Best Model Identifier" in p else "Fine.\nScore: 4"
+    env = {**service_env(fake, redis_url), "SELFREWARD_JUDGE__SAMPLES": "1"}
+
+    def in_flight(client: httpx.Client) -> float:
+        text = client.get("/metrics").text
+        assert "selfreward_judge_in_flight" in text
+        return metric(text, "selfreward_judge_in_flight")
+
+    def seen_during(client: httpx.Client, path: str, body: dict[str, Any]) -> list[float]:
+        """The gauge polled while one slow request to `path` runs (the backend takes 1.5 s)."""
+        fake.delay_s = 1.5
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.post, path, json=body, headers=AUTH)
+            seen = []
+            while not pending.done():
+                seen.append(in_flight(client))
+                time.sleep(0.05)
+            assert pending.result().status_code == 200, pending.result().text
+        fake.delay_s = 0.0
+        return seen
+
+    with judge_service(env) as client:
+        assert in_flight(client) == 0
+        seen = seen_during(client, "/v1/score", {"instruction": "Name a prime.", "responses": ["7"]})
+        assert 1 in seen and set(seen) <= {0, 1}, seen
+        assert in_flight(client) == 0
+        compare = {"instruction": "Name a prime.", "response_a": "7", "response_b": "9"}
+        seen = seen_during(client, "/v1/compare", compare)
+        assert 1 in seen and set(seen) <= {0, 1}, seen
+        assert in_flight(client) == 0
+        # refused requests and failed verdicts leave it at 0; health and metrics are not judging
+        assert client.post("/v1/score", json={"instruction": "q", "responses": ["a"]}).status_code == 401
+        r = client.post("/v1/score", json={"instruction": "q", "responses": []}, headers=AUTH)
+        assert r.status_code == 422
+        fake.fail_next(400, times=1)  # the backend refuses: a verdict recorded as failed
+        r = client.post("/v1/score", json={"instruction": "q", "responses": ["z"]}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["results"][0]["failures"] == 1, r.text
+        assert client.get("/healthz").status_code == 200
+        assert in_flight(client) == 0

@@ -22,6 +22,7 @@ ENTRY_POINTS = {
         "selfreward.stages.plan",
         # what the stages of those queues import when they run
         "selfreward.policy.publish",
+        "selfreward.policy.pool",
         "selfreward.judging",
         "selfreward.teacher",
         "selfreward.evaluation.iteration",

@@ -85,6 +85,24 @@ def test_gpu_command_line() -> None:
     assert "--enforce-eager" in eager
 
 
+def test_the_lora_resolver_folder_exists_before_vllm_starts(tmp_path: Path) -> None:
+    """VLLM_LORA_RESOLVER_CACHE_DIR passes through, its folder created (vLLM refuses to start on a
+    missing one); a folder that cannot be made drops the variable, so vLLM starts without it."""
+    folder = tmp_path / "artifacts" / "cache" / "served-adapters"
+    base = {"VLLM_PLUGINS": "lora_filesystem_resolver", "VLLM_LORA_RESOLVER_CACHE_DIR": str(folder)}
+    env = vllm_env(PolicyServerConfig(), base)
+    assert env["VLLM_LORA_RESOLVER_CACHE_DIR"] == str(folder) and folder.is_dir()
+    assert (
+        env["VLLM_PLUGINS"] == "lora_filesystem_resolver"
+        and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    )
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    env = vllm_env(PolicyServerConfig(), {**base, "VLLM_LORA_RESOLVER_CACHE_DIR": str(blocked / "x")})
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in env
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in vllm_env(PolicyServerConfig(), {})
+
+
 def test_settings_vllm_would_refuse_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"policy.max_lora_rank: vLLM accepts .* \(got 12\)"):
         vllm_command(

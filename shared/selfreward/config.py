@@ -345,6 +345,18 @@ class PolicyServerConfig(StrictModel):
 
 class ServicesConfig(StrictModel):
     policy_url: str = Field("http://127.0.0.1:8000", description="vLLM OpenAI-compatible server")
+    policy_pool: str | None = Field(
+        None,
+        description="the policy's replicas, each published every adapter (loaded and fingerprint-verified "
+        "on each): HOST:PORT[,HOST:PORT...], every address a name resolves to one replica (a headless "
+        "Service, compose's service name; docs/deployment.md); None = policy_url is the one server",
+    )
+    policy_lora_dir: str | None = Field(
+        None,
+        description="the folder of the policy's vLLM filesystem LoRA resolver (its VLLM_LORA_RESOLVER_CACHE_DIR, "
+        "the same path here): publish links each verified adapter there under its served name, so a replica "
+        "started later serves it on first request; None = no links",
+    )
     judge_url: str | None = Field(None, description="judge service; None = judge in-process")
     redis_url: str = "redis://127.0.0.1:6379/0"
     request_timeout_s: float = Field(300.0, gt=0)
@@ -362,6 +374,15 @@ class ServicesConfig(StrictModel):
         "the judge queue that any worker takes, merged when all are done; the embedded mode judges "
         "in one process",
     )
+
+    @field_validator("policy_pool")
+    @classmethod
+    def _pool(cls, value: str | None) -> str | None:
+        if value is not None:
+            from selfreward.policy.pool import pool_entries
+
+            pool_entries(value)  # ValueError names the bad entry
+        return value
 
 
 class JudgeBenchSetConfig(StrictModel):

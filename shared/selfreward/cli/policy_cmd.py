@@ -145,6 +145,12 @@ def publish(
         None, "--parent", help="served model it must differ from (default: base)"
     ),
     url: str | None = typer.Option(None, "--url", help="policy server (default: services.policy_url)"),
+    pool: str | None = typer.Option(
+        None,
+        "--pool",
+        help="publish to every replica HOST:PORT[,...] resolves to (default: services.policy_pool, "
+        "unless --url names one server)",
+    ),
     tolerance: float | None = typer.Option(
         None, "--tolerance", help="policy.fingerprint_tolerance (default by device)"
     ),
@@ -153,24 +159,32 @@ def publish(
     ),
     config_path: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
-    """Load an adapter as NAME-<sha256 prefix> and verify the server reproduces its fingerprint."""
+    """Load an adapter as NAME-<sha256 prefix> and verify the server reproduces its fingerprint
+    (on every replica of a pool; linked for their LoRA resolver when services.policy_lora_dir is set)."""
     import asyncio
 
-    from selfreward.llm.openai import OpenAICompatClient
-    from selfreward.policy.publish import publish_adapter, tolerance_for
+    from selfreward.config import ServicesConfig
+    from selfreward.policy.pool import publish_to_policy
+    from selfreward.policy.publish import tolerance_for
 
     config = _config(config_path, policy={"fingerprint_tolerance": tolerance})
+    services = ServicesConfig.model_validate(
+        {
+            **config.services.model_dump(),
+            "policy_url": url or config.services.policy_url,
+            "policy_pool": pool or (None if url else config.services.policy_pool),
+        }
+    )
 
     async def go() -> dict[str, Any]:
-        async with OpenAICompatClient(url or config.services.policy_url, timeout_s=120.0) as client:
-            return await publish_adapter(
-                client,
-                adapter_dir,
-                name=name,
-                parent=parent,
-                tol=tolerance_for(config.policy),
-                require_change=not allow_unchanged,
-            )
+        return await publish_to_policy(
+            services,
+            adapter_dir,
+            name=name,
+            parent=parent,
+            tol=tolerance_for(config.policy),
+            require_change=not allow_unchanged,
+        )
 
     result = asyncio.run(go())
     console.print(json.dumps(result, indent=2), markup=False, highlight=False)

@@ -10,6 +10,11 @@
   (VLLM_ALLOW_RUNTIME_LORA_UPDATING), `--max-logprobs`, sampling defaults from vLLM rather
   than from the model's generation_config.json (requests carry their own parameters).
 
+`vllm_env` passes the caller's environment on: with VLLM_PLUGINS=lora_filesystem_resolver and
+VLLM_LORA_RESOLVER_CACHE_DIR (a pool's replicas, selfreward.policy.pool) vLLM serves the adapters
+linked in that folder on first request; the folder is created when missing (vLLM refuses to
+start without it), and the variable dropped when it cannot be.
+
 `PolicyServer` runs that command as a child process (its own process group, output in a log
 file under the artifact root), waits until `/health` answers, and stops it (SIGTERM, then
 SIGKILL of the whole group). It is a context manager for tests and the embedded mode;
@@ -134,12 +139,21 @@ def vllm_command(
     return cmd
 
 
+LORA_RESOLVER_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"
+
+
 def vllm_env(policy: PolicyServerConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The server's environment: the caller's, plus what the flags cannot say."""
     env = dict(os.environ if base is None else base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage reports to vLLM's servers
     env.setdefault("PYTHONUNBUFFERED", "1")
+    resolver_dir = env.get(LORA_RESOLVER_DIR_ENV)
+    if resolver_dir:
+        try:
+            Path(resolver_dir).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            del env[LORA_RESOLVER_DIR_ENV]  # vLLM would refuse to start: serve without the resolver
     if policy.device == "cpu":
         env["VLLM_TARGET_DEVICE"] = "cpu"
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(policy.cpu_kvcache_gib))

@@ -190,18 +190,22 @@ async def publish_adapter(
         try:
             await client.load_adapter(served, str(adapter_dir))
         except HTTPStatusError as exc:
-            if exc.status not in (400, 404, 500):
+            if exc.status == 400 and "has already been loaded" in exc.body:
+                # loaded meanwhile (another publisher, or vLLM's LoRA resolver on a request for it)
+                already_loaded = True
+            elif exc.status not in (400, 404, 500):
                 raise
-            shapes = any(s in exc.body for s in ("size of tensor", "shape", "must match"))
-            why = (
-                "its weights do not fit that model: the adapter was trained on another base model"
-                if shapes
-                else "see the server's message"
-            )
-            raise InputError(
-                f"the server refused adapter {adapter_dir} on its base model {base['id']!r} "
-                f"({base.get('root')}): {why}. Server said: {_server_message(exc.body)}"
-            ) from None
+            else:
+                shapes = any(s in exc.body for s in ("size of tensor", "shape", "must match"))
+                why = (
+                    "its weights do not fit that model: the adapter was trained on another base model"
+                    if shapes
+                    else "see the server's message"
+                )
+                raise InputError(
+                    f"the server refused adapter {adapter_dir} on its base model {base['id']!r} "
+                    f"({base.get('root')}): {why}. Server said: {_server_message(exc.body)}"
+                ) from None
 
     state = "it was served before this publish: left loaded" if already_loaded else "unloaded again"
 
@@ -235,6 +239,7 @@ async def publish_adapter(
         "adapter_dir": str(adapter_dir),
         "adapter_sha256": sha,
         "base_model": str(base["id"]),
+        "base_root": str(base.get("root") or ""),  # what the server was started with (its model path)
         "parent": parent_name,
         "tolerance": tol,
         "max_abs_diff": details["max_abs_diff"],

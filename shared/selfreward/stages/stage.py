@@ -183,7 +183,7 @@ class StageContext:
             from selfreward.stages.publish import ensure_served
 
             self._served[t] = await ensure_served(
-                self.policy, self.layout, t, tolerance_for(self.config.policy)
+                self.policy, self.layout, t, tolerance_for(self.config.policy), self.config.services
             )
         return self._served[t]
 

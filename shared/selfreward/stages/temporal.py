@@ -38,13 +38,15 @@ FUTURE_TRAIN = dpo_stage(
 
 
 async def future_candidates(ctx: StageContext) -> CandidatesResult:
-    from selfreward.policy.publish import publish_adapter, tolerance_for
+    from selfreward.policy.pool import publish_to_policy
+    from selfreward.policy.publish import tolerance_for
 
     cfg = ctx.config
     name = future_model(ctx.t)
-    record = await publish_adapter(
-        ctx.policy,
+    record = await publish_to_policy(
+        cfg.services,
         ctx.layout.model_dir(name),
+        client=ctx.policy,
         name=name,
         parent=await ctx.served(),
         tol=tolerance_for(cfg.policy),

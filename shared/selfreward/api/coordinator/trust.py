@@ -5,8 +5,9 @@ deployment's secrets somewhere, or read a file and send it in a prompt. So a pos
 checked, before anything is stored, against the deployment's settings (the coordinator's
 environment):
 
-- **Deployment-owned fields** (`artifact_root`, `services.policy_url`, `services.judge_url`,
-  `services.redis_url`, `teacher.api_key_env`, `teacher.api_key_file`) keep the deployment's
+- **Deployment-owned fields** (`artifact_root`, `services.policy_url`, `services.policy_pool`,
+  `services.policy_lora_dir`, `services.judge_url`, `services.redis_url`, `teacher.api_key_env`,
+  `teacher.api_key_file`) keep the deployment's
   value: API keys come only from the deployment's own secrets, requests go only to its
   services. Where the deployment sets one (its `SELFREWARD_*` override), a posted value is
   replaced by it and the answer lists it under `replaced`; where it does not, a posted run may
@@ -43,6 +44,8 @@ from selfreward.config import RunConfig, deep_merge, env_overrides
 OWNED = (
     ("artifact_root",),
     ("services", "policy_url"),
+    ("services", "policy_pool"),  # where publish loads adapters
+    ("services", "policy_lora_dir"),  # where publish writes links
     ("services", "judge_url"),
     ("services", "redis_url"),
     ("teacher", "api_key_env"),

@@ -4,7 +4,7 @@
                       -> {judge, mode, template_sha256, results: [ScoreResult]}
     POST /v1/compare  {instruction, response_a, response_b, judge?, mode?} -> CompareResult
     GET  /healthz     liveness + what the service is configured with (no secrets)
-    GET  /metrics     Prometheus text format
+    GET  /metrics     Prometheus text format (selfreward_judge_in_flight: the autoscaling signal)
 
 One `LLMJudge` per spec, built on first use and shared by all requests (a request with another
 mode gets a view of it with the same backend), so the per-backend concurrency bound and rate
@@ -52,6 +52,7 @@ MAX_VERDICTS = 512  # responses x samples of one request
 MAX_TEXT = 100_000  # characters of the instruction and of each response
 MAX_SPEC = 4096
 MAX_BODY_BYTES = 8 << 20
+JUDGING_ENDPOINTS = frozenset({"/v1/score", "/v1/compare"})  # counted in selfreward_judge_in_flight
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT)]
 ERRORS = {
     401: {"description": "missing or wrong bearer token"},
@@ -192,9 +193,16 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         started = time.monotonic()
-        response = await call_next(request)
         endpoint = request.url.path
-        if endpoint in ("/v1/score", "/v1/compare", "/healthz", "/metrics"):
+        judging = endpoint in JUDGING_ENDPOINTS
+        if judging:
+            metrics.in_flight.inc()
+        try:
+            response = await call_next(request)
+        finally:
+            if judging:
+                metrics.in_flight.dec()
+        if judging or endpoint in ("/healthz", "/metrics"):
             metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
             metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
         return response

@@ -1,8 +1,12 @@
-"""Prometheus metrics of the judge service (one registry per app, served at GET /metrics)."""
+"""Prometheus metrics of the judge service (one registry per app, served at GET /metrics).
+
+`selfreward_judge_in_flight` (the /v1/score and /v1/compare requests being answered now) is what
+the judge's HorizontalPodAutoscaler scales on, per pod (k8s/base/judge.yaml, docs/deployment.md).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from selfreward.judging import JudgeObserver
 from selfreward.llm.retry import HTTPStatusError
@@ -25,6 +29,11 @@ class JudgeMetrics(JudgeObserver):
             "HTTP request latency",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "selfreward_judge_in_flight",
+            "judging requests (/v1/score, /v1/compare) being answered now: the autoscaling signal",
             registry=r,
         )
         self.cache_hits = Counter("selfreward_judge_cache_hits", "verdicts served from the cache", registry=r)
