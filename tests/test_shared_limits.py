@@ -184,6 +184,27 @@ def test_tokens_per_window_make_the_next_request_wait(redis_url: str, redis_conn
     assert 0.7 <= above < 2.5
 
 
+def test_a_request_counts_until_a_window_after_its_answer(redis_url: str, redis_conn: Any) -> None:
+    """rpm 1 in a 1 s window: a request answered after 0.6 s holds the window until 1.6 s after
+    it was sent (the backend counts at arrival, which is after our count: measured over quota
+    otherwise), not 1 s."""
+
+    async def go() -> float:
+        one = SharedLimits(redis_url, "test:ends", 4, 1, window_s=1.0)
+        other = SharedLimits(redis_url, "test:ends", 4, 1, window_s=1.0)
+        try:
+            started = time.monotonic()
+            async with one.slot():
+                await asyncio.sleep(0.6)
+            async with other.slot():
+                return time.monotonic() - started
+        finally:
+            await one.aclose()
+            await other.aclose()
+
+    assert 1.55 <= asyncio.run(go()) < 3.0
+
+
 def test_a_killed_process_gives_its_slot_back_after_the_lease_ttl(redis_url: str, redis_conn: Any) -> None:
     holder = _spawn(
         redis_url=redis_url, identity="test:killed", concurrency=1, mode="hold", lease_ttl_s=1.5, start_at=0

@@ -132,6 +132,11 @@ RETRY_AFTER_S = 2.0  # after a Redis error the in-process fallback is used this 
 #            until enough of the oldest entries leave the window); else add the lease and the
 #            request. Answers {1, now ms} or {0, wait ms}.
 #   renew:   push a held lease's expiry to now + ttl (while its request runs).
+#   release: free the lease and move the request's time to now (its end): a request counts
+#            from its sending until a window after its answer, so that the backend, which
+#            counts requests when they arrive, sees at most rpm in any window whatever the
+#            time between our count and its arrival (measured: without it, 12 of 200 requests
+#            arrived above the quota in bench/judge_scaling.py's tight run).
 #   tokens:  record tokens the backend reported.
 # Every key expires when unused for a window and a lease ttl.
 SCRIPT = """
@@ -144,6 +149,13 @@ if op == 'renew' then
   local changed = redis.call('ZADD', KEYS[2], 'XX', 'CH', now + ttl, id)
   redis.call('PEXPIRE', KEYS[2], keep)
   return {changed, now}
+end
+if op == 'release' then
+  -- the request counts until a window after its answer: whatever its transit time, the
+  -- backend (which counts at arrival) never sees more than rpm in any window
+  redis.call('ZADD', KEYS[1], 'XX', now, id)
+  redis.call('ZREM', KEYS[2], id)
+  return {1, now}
 end
 if op == 'tokens' then
   redis.call('ZADD', KEYS[3], now, id .. ':' .. ARGV[9])
@@ -342,7 +354,7 @@ class SharedLimits:
         import redis
 
         with contextlib.suppress(redis.RedisError, OSError):  # else it expires after its ttl
-            await self._redis.zrem(self.keys[1], lease.id)
+            await self._run("release", lease.id)
 
     async def _renew(self, lease: Lease) -> None:
         import redis
