@@ -14,6 +14,7 @@ from collections.abc import Callable
 from selfreward.stages.prepare import base_model_dir
 from selfreward.stages.sft import TrainResult
 from selfreward.stages.stage import Stage, StageContext, model_name, never
+from selfreward.storage import read_manifest
 
 
 def dpo_stage(name: str, pairs: str, model: Callable[[int], str], description: str) -> Stage:
@@ -24,7 +25,9 @@ def dpo_stage(name: str, pairs: str, model: Callable[[int], str], description: s
         from selfreward.training.request import dpo_request
         from selfreward.training.runner import run as run_training
 
-        confidence = ctx.manifest_of(ctx.t, pairs).get("preference_confidence")
+        # cream's consistency rate, where the pairs stage reported one
+        done = read_manifest(ctx.layout.stage_manifest(ctx.t, pairs)) or {}
+        confidence = done.get("preference_confidence")
         request = dpo_request(
             ctx.config,
             pairs=str(ctx.file(pairs)),
