@@ -2,7 +2,7 @@
 
 Everything runs on loopback, side by side in this one run:
 - a fake teacher speaking Gemini's generateContent wire format (selfreward.testing.fake_gemini)
-  with a fixed latency (--latency-s, 0.3 s) and a hard quota (requests per minute; above it the
+  with a fixed latency (--latency-s, 1 s) and a hard quota (requests per minute; above it the
   teacher answers 429 RESOURCE_EXHAUSTED and serves nothing);
 - one Redis; N judge replicas (`selfreward serve judge`, separate processes) whose backend
   limits (requests per minute, concurrency) are one budget in that Redis
@@ -90,6 +90,9 @@ def worker(args: argparse.Namespace) -> None:
     cfg = build_config(config, environ={})
     i, n = (int(x) for x in args.shard.split("/"))
     layout = RunLayout(cfg.artifact_root, cfg.name)
+    # every worker starts judging at the same moment, its imports done (process start-up is not
+    # judging throughput; a late worker starts at once and its delay counts)
+    time.sleep(max(0.0, args.start_at - time.time()))
     started = time.time()
     if n == 1:  # one worker: the stage as one job (no shards to merge)
         result = run_stage(StageContext(cfg, layout, 1), judgments.STAGE)
@@ -150,6 +153,7 @@ def phase(
         config_path = root / "config.json"
         config_path.write_text(json.dumps(run_config(root, urls, concurrency)))
         workers = []
+        start_at = time.time() + 4.0 + 2.0 * replicas  # after every worker's imports (2 cores)
         for i in range(replicas):
             err = stack.enter_context(open(root / f"worker{i}.log", "wb"))
             cmd = [
@@ -160,6 +164,8 @@ def phase(
                 str(config_path),
                 "--shard",
                 f"{i}/{replicas}",
+                "--start-at",
+                str(start_at),
             ]
             workers.append(
                 subprocess.Popen(
@@ -183,6 +189,7 @@ def phase(
         "seconds": round(wall, 1),
         "records_per_s": records / wall,
         "teacher_requests": teacher.calls,
+        "teacher_max_in_flight": teacher.max_in_flight,
         "peak_in_window": teacher.peak_in_window,
         "over_quota_429": teacher.over_quota,
         "failed_records": failed,
@@ -194,7 +201,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=400, help="candidates judged per scaling run")
     p.add_argument("--tight-records", type=int, default=1200, help="candidates of the tight-quota run")
-    p.add_argument("--latency-s", type=float, default=0.3, help="the teacher's answer time")
+    p.add_argument(
+        "--latency-s",
+        type=float,
+        default=1.0,
+        help="the teacher's answer time (1 s: an LLM teacher's; at 0.3 s four replicas and four workers "
+        "saturate this 2-core machine's CPU at about 60 records/s)",
+    )
     p.add_argument(
         "--quota", type=int, default=6000, help="the teacher's quota (requests/minute), scaling runs"
     )
@@ -206,6 +219,7 @@ def main() -> None:
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--shard", help=argparse.SUPPRESS)
     p.add_argument("--judge-url", help=argparse.SUPPRESS)
+    p.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -232,7 +246,8 @@ def main() -> None:
         print_row(tight, "tight quota")
     demand = rows[-1]["records_per_s"] * 60
     print(
-        f"teacher latency {args.latency_s} s; {args.concurrency} requests in flight per worker; the 4-replica "
+        f"teacher latency {args.latency_s} s; judge.concurrency {args.concurrency} (the teacher saw "
+        f"{rows[0]['teacher_max_in_flight']} requests at once from one worker); the 4-replica "
         f"demand is {demand:.0f} requests/min, the tight quota {args.tight_quota}/min"
     )
     ratio = rows[2]["records_per_s"] / rows[0]["records_per_s"]
@@ -242,7 +257,8 @@ def main() -> None:
 def print_row(r: dict[str, Any], label: str = "") -> None:
     print(
         f"{label or 'scaling':11s} replicas={r['replicas']} records={r['records']} in {r['seconds']} s: "
-        f"{r['records_per_s']:.1f} records/s | teacher: {r['teacher_requests']} served, peak {r['peak_in_window']} "
+        f"{r['records_per_s']:.1f} records/s | teacher: {r['teacher_requests']} served, "
+        f"{r['teacher_max_in_flight']} at once at most, peak {r['peak_in_window']} "
         f"in a 60 s window (quota {r['quota_rpm']}), 429s sent {r['over_quota_429']} | failed records "
         f"{r['failed_records']} | merged {r['merged']}",
         flush=True,

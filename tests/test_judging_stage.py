@@ -182,7 +182,7 @@ def test_shards_split_by_prompt_resume_and_merge_each_record_once_in_candidates_
     each record once, and removes the shard files."""
     import asyncio
 
-    from selfreward.judging.files import ajudge_candidates, merge_shards, shard_of, shard_path
+    from selfreward.judging.files import ajudge_candidates, merge_shards, shard_path, shards_of
 
     cands = tmp_path / "candidates.jsonl"
     records = write_candidates(cands, prompts=12)
@@ -195,12 +195,14 @@ def test_shards_split_by_prompt_resume_and_merge_each_record_once_in_candidates_
         finally:
             await judge.aclose()  # each shard in an event loop of its own, as each shard job
 
-    sizes = {i: sum(1 for r in records if shard_of(r.prompt_id, 3) == i) for i in range(3)}
-    assert sorted(sizes.values()) != [0, 0, 24] and sum(sizes.values()) == 24
+    split = shards_of(read_judge_inputs(cands), 3)
+    assert split == {f"p{p}": p % 3 for p in range(12)}  # prompts in file order, round robin
+    sizes = {i: sum(1 for r in records if split[r.prompt_id] == i) for i in range(3)}
+    assert sizes == {0: 8, 1: 8, 2: 8}
     first = asyncio.run(shard(0))
     assert first["judged"] == sizes[0] and not out.exists()
     part = load_jsonl(shard_path(out, 0, 3))
-    assert {shard_of(r["prompt_id"], 3) for r in part} == {0}
+    assert {split[r["prompt_id"]] for r in part} == {0}
     requests = len(fake.requests)
     assert asyncio.run(shard(0))["judged"] == 0 and len(fake.requests) == requests  # resumed: nothing twice
     for i in (1, 2):
