@@ -257,20 +257,14 @@ def run_shard(ctx: StageContext, stage: Stage) -> dict[str, Any]:
     Errors a user must fix surface as `StageError` naming the stage, as in `execute`."""
     import asyncio
 
-    from selfreward.errors import SelfRewardError
+    from selfreward.stages.stage import run_in
 
     if plan.is_done(ctx.layout, ctx.t, stage):
         return {"skipped": "the stage is done"}
 
     async def go() -> dict[str, Any]:
         started = time.time()
-        async with ctx:
-            try:
-                result = await stage.run(ctx)
-            except StageError:
-                raise
-            except SelfRewardError as exc:
-                raise StageError(stage.name, str(exc)) from exc
+        result = await run_in(ctx, stage)
         log.info(
             "%s shard %s done in %.1f s: %s", stage.name, ctx.shard, time.time() - started, result.summary()
         )

@@ -188,6 +188,18 @@ class StageContext:
         return self._served[t]
 
 
+async def run_in(ctx: StageContext, stage: Stage) -> StageResult:
+    """The stage's function in its context (closed after); errors a user must fix surface as
+    `StageError` naming the stage. `execute` and a shard job (`drivers.rq.run_shard`) use it."""
+    async with ctx:
+        try:
+            return await stage.run(ctx)
+        except StageError:
+            raise
+        except SelfRewardError as exc:
+            raise StageError(stage.name, str(exc)) from exc
+
+
 async def execute(ctx: StageContext, stage: Stage) -> dict[str, Any]:
     """Run `stage` of iteration ctx.t unless its manifest exists; return the manifest."""
     path = ctx.layout.stage_manifest(ctx.t, stage.name)
@@ -195,13 +207,7 @@ async def execute(ctx: StageContext, stage: Stage) -> dict[str, Any]:
     if done is not None:
         return done
     started = time.time()
-    async with ctx:
-        try:
-            result = await stage.run(ctx)
-        except StageError:
-            raise
-        except SelfRewardError as exc:
-            raise StageError(stage.name, str(exc)) from exc
+    result = await run_in(ctx, stage)
     elapsed = time.time() - started
     output = ctx.file(stage.name)
     manifest = {
