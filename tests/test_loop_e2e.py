@@ -65,7 +65,13 @@ def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: P
     config = tiny_config(tmp_path / "a", "self", tiny_model_dir, policy_server.url)
     output = run_cli(config, policy_server.url)
     assert "summary" in output
+    # the quickstart ends with the command that opens its dashboard
+    assert f"dashboard: selfreward ui {tmp_path / 'a'} --port 8765" in output
     out = check_run(tmp_path / "a", "self", "self-reward")
+    assert (out["run"] / "models" / "m2" / "log_history.jsonl").is_file()
+    assert not (out["run"] / "iter-1" / "candidates.error.json").exists()
+    progress = json.loads((out["run"] / "iter-1" / "candidates.progress.json").read_text())
+    assert progress["stage"] == "candidates" and progress["current"]["finished"] is True
     for p in out["pairs"]:
         assert p["chosen_score"] > p["rejected_score"]
     judgments = load_jsonl(out["run"] / "iter-1" / "judgments.jsonl")
