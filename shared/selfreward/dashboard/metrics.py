@@ -61,7 +61,43 @@ def trends(layout: RunLayout) -> list[dict[str, Any]]:
                 "mean_answer_chars": h.get("mean_answer_chars"),
             }
         )
+    for i, row in enumerate(out):
+        row["sentence"] = summary_sentence(row, out[i - 1] if i else None)
     return out
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def summary_sentence(trend: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The line a person reads first about iteration t: "M(t+1) vs M(t): win rate X% [lo, hi],
+    judge agreement Y% (change), length change", and a verdict only where the interval excludes
+    50% with enough prompts (the evaluation's summary rule, selfreward.evaluation.metrics.winrate)."""
+    t = trend.get("t") or 0
+    new, old = f"M{t + 1}", f"M{t}"
+    parts = [f"{new} vs {old}: win rate {_pct(trend.get('win_rate'))}"]
+    iv = trend.get("interval")
+    if iv:
+        parts[0] += f" [{_pct(iv[0])}, {_pct(iv[1])}]"
+    if trend.get("n") is not None:
+        parts[0] += f" on {trend['n']} prompts"
+    agreement = trend.get("judge_agreement")
+    if agreement is not None:
+        text = f"judge agreement with humans {_pct(agreement)}"
+        before = (previous or {}).get("judge_agreement")
+        if before is not None:
+            text += f" ({100 * (agreement - before):+.1f} points)"
+        parts.append(text)
+    chars = trend.get("mean_answer_chars") or {}
+    a, b = chars.get(trend.get("model")), chars.get(trend.get("baseline"))
+    if isinstance(a, int | float) and isinstance(b, int | float) and b > 0:
+        parts.append(f"answers {a:.0f} vs {b:.0f} characters ({100 * (a - b) / b:+.0f}%)")
+    if trend.get("evidence") and trend.get("win_rate") is not None:
+        verdict = f"{new} is better than {old}" if trend["win_rate"] > 0.5 else f"{new} is worse than {old}"
+    else:
+        verdict = "no evidence of a difference"
+    return {"text": "; ".join(parts) + ".", "verdict": verdict, "evidence": bool(trend.get("evidence"))}
 
 
 def curves(layout: RunLayout) -> list[dict[str, Any]]:

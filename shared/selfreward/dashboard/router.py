@@ -35,7 +35,7 @@ STATIC = {"app.js": "text/javascript", "charts.js": "text/javascript", "app.css"
 
 SHELL = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>selfreward dashboard</title><link rel="stylesheet" href="/ui/static/app.css?v={version}">
+<title>selfreward dashboard</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/ui/static/app.css?v={version}">
 </head><body data-mode="{mode}"><header><a href="/ui/" class="brand">selfreward</a>
 <nav id="crumbs"></nav><span id="mode" class="muted">{mode}</span><span id="auth"></span></header>
 <main id="main"><p class="muted">Loading...</p></main>

@@ -141,12 +141,18 @@
       })));
   }
   function configTable(rows) {
-    return h("details", { id: "config" }, [h("summary", { text: "Config (" + rows.filter(function (r) { return !r.default; }).length + " settings differ from the defaults)" }),
-      h("table", { class: "config" }, rows.map(function (r) {
-        return h("tr", {}, [h("td", { text: r.key }), h("td", { class: r.default ? "default" : "" }, [
-          typeof r.value === "object" ? JSON.stringify(r.value) : String(r.value),
-          r.default ? h("span", { class: "tag", text: "default" }) : null])]);
-      }))]);
+    const changed = rows.filter(function (r) { return !r.default; });
+    const defaults = rows.filter(function (r) { return r.default; });
+    function row(r) {
+      return h("tr", {}, [h("td", { text: r.key }), h("td", { class: r.default ? "default" : "" }, [
+        typeof r.value === "object" ? JSON.stringify(r.value) : String(r.value),
+        r.default ? h("span", { class: "tag", text: "default" }) : null])]);
+    }
+    return h("details", { id: "config" }, [
+      h("summary", { text: "Config: " + changed.length + " settings set, " + defaults.length + " defaults" }),
+      h("table", { class: "config" }, changed.map(row)),
+      h("details", { id: "config-defaults" }, [h("summary", { text: "the " + defaults.length + " defaults" }), h("table", { class: "config" }, defaults.map(row))]),
+    ]);
   }
   function runActions(run) {
     if (!info.writable) return h("p", { class: "muted small", text: "Read-only (selfreward ui): start, resume and cancel from the coordinator's dashboard or the CLI." });
@@ -214,12 +220,8 @@
     return box;
   }
   function summaryLine(r) {
-    const iv = r.interval ? " [" + pct(r.interval[0]) + ", " + pct(r.interval[1]) + "]" : "";
-    let text = "M" + (r.t + 1) + " vs M" + r.t + ": win rate " + pct(r.win_rate) + iv + " (n=" + r.n + ")";
-    if (r.judge_agreement !== null && r.judge_agreement !== undefined) text += ", judge agreement " + pct(r.judge_agreement);
-    if (r.chosen_length && r.rejected_length) text += ", chosen answers " + num(r.chosen_length, 0) + " vs rejected " + num(r.rejected_length, 0) + " chars";
-    const verdict = r.evidence ? (r.win_rate > 0.5 ? " - M" + (r.t + 1) + " is better." : " - M" + (r.t + 1) + " is worse.") : " - no evidence of a difference.";
-    return h("p", { class: "summary" + (r.evidence ? " evidence" : ""), "data-t": r.t, text: text + verdict });
+    const s = r.sentence || { text: "", verdict: "" };
+    return h("p", { class: "summary" + (s.evidence ? " evidence" : ""), "data-t": r.t }, [s.text + " ", h("strong", { class: "verdict-text", text: s.verdict + "." })]);
   }
   async function runView(name) {
     crumbs([["runs", "/ui/"], [name, null]]);
@@ -232,10 +234,11 @@
     main.appendChild(runActions(run));
     main.appendChild(h("h2", { text: "Iterations" }));
     main.appendChild(timelineTable(run));
+    main.appendChild(metrics);
     const config = configTable(run.config || []);
     if (wasOpen) config.open = true;
+    main.appendChild(h("h2", { text: "Config" }));
     main.appendChild(config);
-    main.appendChild(metrics);
     poll(function () { runView(name).catch(fail); }, LIVE.indexOf(run.status) >= 0);
   }
 

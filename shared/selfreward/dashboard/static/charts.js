@@ -23,6 +23,7 @@
   function fmt(v, percent) {
     if (v === null || v === undefined || !isFinite(v)) return "n/a";
     if (percent) return (100 * v).toFixed(0) + "%";
+    if (Number.isInteger(v)) return String(v);
     const a = Math.abs(v);
     return a >= 1000 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : a >= 1 ? v.toFixed(2) : v.toPrecision(2);
   }
@@ -82,7 +83,8 @@
     });
     if (opts.yMin !== undefined) ylo = Math.min(ylo, opts.yMin);
     if (opts.yMax !== undefined) yhi = Math.max(yhi, opts.yMax);
-    const ys = (opts.yMin !== undefined && opts.yMax !== undefined) ? [ylo, yhi] : niceRange(ylo, yhi);
+    let ys = (opts.yMin !== undefined && opts.yMax !== undefined) ? [ylo, yhi] : niceRange(ylo, yhi);
+    if (opts.yMin !== undefined && opts.yMax === undefined) ys = [opts.yMin, ys[1]];
     const a = axes(f.svg, [xlo, xhi], ys, opts);
     const ticks = opts.xTicks || [];
     if (ticks.length) ticks.forEach(function (t) { text(f.svg, a.sx(t[0]), H - B + 12, t[1]); });
