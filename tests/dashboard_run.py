@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from selfreward.config import RunConfig, dump_config
+from selfreward.evaluation.metrics.reward_model import compare_with_human, parse_scored_record
 from selfreward.evaluation.metrics.winrate import evidence, head_to_head
 from selfreward.reports.files import write_report
-from selfreward.schemas import CandidateRecord, JudgmentRecord, PairRecord, PromptRecord
+from selfreward.schemas import CandidateRecord, EFTEvalRecord, JudgmentRecord, PairRecord, PromptRecord
 from selfreward.stages import plan
 from selfreward.storage import RunLayout, atomic_write_json, write_jsonl_atomic, write_manifest
 from selfreward.training.runner import LOG_HISTORY, write_log_history
@@ -140,6 +141,30 @@ def write_model(layout: RunLayout, name: str, kind: str, steps: int, t: int) -> 
     )
 
 
+def reward_model(t: int) -> dict[str, Any]:
+    """The judge against human ranks (the real metric): 4 prompts, the best reply scored higher
+    in t + 1 of them."""
+    eft = [
+        EFTEvalRecord(
+            id=f"h{i}",
+            tree_id=f"tree{i}",
+            prompt=f"human-ranked question {i}",
+            replies=[
+                {"message_id": f"h{i}a", "text": "good", "rank": 0},
+                {"message_id": f"h{i}b", "text": "bad", "rank": 1},
+            ],
+        )
+        for i in range(4)
+    ]
+    scores = {
+        f"h{i}": parse_scored_record(
+            {"prompt_id": f"h{i}", "completion": {"0": {"score": 4 if i <= t else 1}, "1": {"score": 2}}}, "s"
+        )
+        for i in range(4)
+    }
+    return compare_with_human(scores, eft).to_json()
+
+
 def write_eval(layout: RunLayout, t: int, prefs: list[float]) -> None:
     model, baseline = plan.model_name(t + 1), plan.model_name(t)
     h2h = {"kind": "head2head", **head_to_head(prefs, a=model, b=baseline, bootstrap_samples=200).to_json()}
@@ -194,12 +219,7 @@ def write_eval(layout: RunLayout, t: int, prefs: list[float]) -> None:
         "baseline": baseline,
         "judge": "gemini:fake",
         "head2head": h2h,
-        "reward_model": {
-            "judge": model,
-            "pairwise_accuracy": 0.55 + 0.1 * t,
-            "prompts_compared": 10,
-            "parse_failure_rate": 0.0,
-        },
+        "reward_model": {"judge": model, **reward_model(t)},
         "judge_health": {
             "score_shares": {"0": 0, "1": 0.1, "2": 0.2, "3": 0.3, "4": 0.3, "5": 0.1},
             "top_share": 0.3,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_run import finished_run, running_run, stage_done, write_progress
+from dashboard_run import finished_run, reward_model, running_run, stage_done, write_progress
 
 from selfreward.storage import load_jsonl
 from selfreward.testing.servers import background, free_port, wait_http
@@ -100,9 +100,13 @@ def test_a_finished_run_runs_list_metrics_curves_and_data(
     assert first.startswith(
         f"M2 vs M1: win rate {100 * report['head2head']['win_rate']:.1f}% [{100 * lo:.1f}%, "
     )
-    assert "judge agreement with humans 65.0%" in first and first.endswith("no evidence of a difference.")
+    agreement = [reward_model(t)["pairwise_accuracy"] for t in (1, 2)]
+    assert f"judge agreement with humans {100 * agreement[0]:.1f}%;" in first and first.endswith(
+        "No evidence of a difference."
+    )
     second = page.inner_text("#summaries .summary[data-t='2']")
-    assert "judge agreement with humans 75.0% (+10.0 points)" in second and second.endswith(
+    change = f"({100 * (agreement[1] - agreement[0]):+.1f} points)"
+    assert f"judge agreement with humans {100 * agreement[1]:.1f}% {change}" in second and second.endswith(
         "M3 is better than M2."
     )
     # charts: trends and training curves are SVGs with points

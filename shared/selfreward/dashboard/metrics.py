@@ -96,7 +96,7 @@ def summary_sentence(trend: dict[str, Any], previous: dict[str, Any] | None = No
     if trend.get("evidence") and trend.get("win_rate") is not None:
         verdict = f"{new} is better than {old}" if trend["win_rate"] > 0.5 else f"{new} is worse than {old}"
     else:
-        verdict = "no evidence of a difference"
+        verdict = "No evidence of a difference"
     return {"text": "; ".join(parts) + ".", "verdict": verdict, "evidence": bool(trend.get("evidence"))}
 
 
