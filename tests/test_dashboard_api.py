@@ -25,7 +25,7 @@ from selfreward.drivers.state import IterationState, RunStore
 from selfreward.errors import InputError, StageError
 from selfreward.progress import Progress
 from selfreward.stages.stage import Stage, StageContext, StageResult
-from selfreward.storage import RunLayout, atomic_write_json, read_manifest
+from selfreward.storage import RunLayout, atomic_write_json, read_manifest, write_jsonl_atomic
 from selfreward.testing.servers import background, free_port, wait_http
 
 TOKEN = "dash-token"
@@ -207,6 +207,22 @@ def test_a_50k_line_candidates_file_pages_without_being_read_whole(tmp_path: Pat
         n = int(mid["records"][0]["text"].split()[2])
         assert 24_000 < n < 26_000 and mid["bytes_read"] < 3 * 500
         assert [int(x["text"].split()[2]) for x in mid["records"]] == [n, n + 1, n + 2]
+        # the data browser over the same file: a page of two pairs with their candidates, found
+        # by an index of byte offsets (one streaming pass), not by holding the file
+        pairs = [
+            {"prompt_id": pid, "prompt": [{"role": "user", "content": "q"}],
+             "chosen": [{"role": "assistant", "content": f"best of {pid}"}],
+             "rejected": [{"role": "assistant", "content": f"worst of {pid}"}], "chosen_score": 5.0, "rejected_score": 1.0}
+            for pid in ("p100", "p12000")
+        ]  # fmt: skip
+        write_jsonl_atomic(layout.stage_file(1, "pairs"), pairs)
+        started = time.perf_counter()
+        r = client.get("/ui/api/runs/big/iterations/1/data")
+        elapsed = time.perf_counter() - started
+        assert r.status_code == 200 and len(r.content) < 20_000 and elapsed < 10, (len(r.content), elapsed)
+        items = r.json()["items"]
+        assert [i["pair"]["chosen"] for i in items] == ["best of p100", "best of p12000"]
+        assert [c["text"].split()[2] for c in items[1]["candidates"]] == ["48000", "48001", "48002", "48003"]
         # the last page says so
         last = client.get(
             "/ui/api/runs/big/iterations/1/files/candidates.jsonl", params={"offset": size - 400, "limit": 5}
@@ -388,3 +404,12 @@ def test_the_embedded_driver_writes_progress_and_error_files(tmp_path: Path) -> 
     states = {s["stage"]: s["state"] for s in ArtifactSource(tmp_path).iteration("emb", 1)["stages"]}
     assert states["judgments"] == "interrupted"
     assert stage_error("x", 1, ValueError("record 'p:3' is bad"))["record"] == "p:3"
+
+
+def test_selfreward_ui_refuses_a_folder_without_runs(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from selfreward.cli.main import app
+
+    result = CliRunner().invoke(app, ["ui", str(tmp_path / "nowhere"), "--port", "0"])
+    assert result.exit_code == 2 and "no runs/ folder" in result.output

@@ -35,6 +35,11 @@ def ui(
 
     if not (artifact_root / "runs").is_dir():
         raise InputError(f"{artifact_root}: no runs/ folder (give the run config's artifact_root)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"[yellow]warning[/]: serving on {host}: anyone who reaches this port reads every run's "
+            "config and data (the pages are read-only, there is no login)"
+        )
     config = uvicorn.Config(create_app(artifact_root), host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
