@@ -3,7 +3,7 @@
  *   /ui/runs/{run}                         config, iteration timeline, metrics and curves
  *   /ui/runs/{run}/iterations/{t}          stages, progress, errors, counts; start/resume/cancel
  *   /ui/runs/{run}/iterations/{t}/data     data browser, evaluation examples
- * Data: /ui/api/... (JSON). Live: polls every 1.5 s while something runs. Actions (coordinator
+ * Data: /ui/api/... (JSON). Live: polls every 1.5 s while something runs, every 10 s otherwise. Actions (coordinator
  * only) call the API's POST routes with the bearer token kept in sessionStorage.
  */
 (function () {
@@ -11,6 +11,7 @@
   const API = "/ui/api";
   const LIVE = ["running", "queued", "waiting", "retrying", "waiting_for_setup", "worker_lost"];
   const POLL_MS = 1500;
+  const IDLE_MS = 10000;
   const main = document.getElementById("main");
   let info = { mode: document.body.dataset.mode, writable: false, auth_required: false };
   let timer = null;
@@ -82,9 +83,9 @@
     main.innerHTML = "";
     main.appendChild(h("div", { class: "error", text: String(err.message || err) }));
   }
-  function poll(fn, live) {
+  function poll(fn, live) {  // fast while something runs, slowly otherwise (a run started elsewhere shows up)
     clearTimeout(timer);
-    if (live) timer = setTimeout(fn, POLL_MS);
+    timer = setTimeout(fn, live ? POLL_MS : IDLE_MS);
   }
   async function action(label, path, after) {
     if (!token()) { askToken("Actions need the API token."); return; }
@@ -228,6 +229,7 @@
     const run = await api(API + "/runs/" + enc(name));
     const metrics = metricsSection(await api(API + "/runs/" + enc(name) + "/metrics"));
     const wasOpen = document.getElementById("config") && document.getElementById("config").open;
+    const defaultsOpen = document.getElementById("config-defaults") && document.getElementById("config-defaults").open;
     main.innerHTML = "";
     main.appendChild(h("h1", {}, ["Run " + run.run + " ", state(run.status)]));
     main.appendChild(h("p", { class: "muted", text: run.variant + ", M0 = " + run.base_model + ", " + run.completed_iterations + " of " + run.iterations_planned + " iteration(s) done" + (run.artifacts ? "; " + run.artifacts : "") }));
@@ -237,6 +239,7 @@
     main.appendChild(metrics);
     const config = configTable(run.config || []);
     if (wasOpen) config.open = true;
+    if (defaultsOpen) config.querySelector("#config-defaults").open = true;
     main.appendChild(h("h2", { text: "Config" }));
     main.appendChild(config);
     poll(function () { runView(name).catch(fail); }, LIVE.indexOf(run.status) >= 0);
