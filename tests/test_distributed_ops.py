@@ -258,7 +258,8 @@ def test_a_sharded_judgments_stage_loses_nothing_when_a_worker_is_killed(
     they were; the shard files are gone; the stage's progress is the sum of its shards'."""
     from test_coordinator_api import cluster, deployment, run_body
 
-    from selfreward.judging.files import read_judge_inputs, shard_path, shards_of
+    from selfreward.judging.files import read_judge_inputs
+    from selfreward.shards import assign, shard_path
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
@@ -325,7 +326,7 @@ def test_a_sharded_judgments_stage_loses_nothing_when_a_worker_is_killed(
     assert [r["id"] for r in judged] == [r["id"] for r in cands]  # each once, the candidates' order
     by_id = {r["id"]: r for r in judged}
     assert all(by_id[k] == v for k, v in before.items())  # the killed shard's records kept
-    split = shards_of(read_judge_inputs(run_dir / "iter-1" / "candidates.jsonl"), 3)
+    split = assign((x.prompt_id for x in read_judge_inputs(run_dir / "iter-1" / "candidates.jsonl")), 3)
     assert all(split[by_id[k]["prompt_id"]] == i for k in before)
     assert not any(shard_path(judgments, j, 3).exists() for j in range(3))
     manifest = read_manifest(run_dir / "iter-1" / "judgments.manifest.json")

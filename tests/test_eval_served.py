@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 from selfreward.cli.main import app
 from selfreward.config import JudgeConfig, RunConfig, TeacherConfig
 from selfreward.evaluation.iteration import evaluate_iteration
+from selfreward.evaluation.prompt_sets import load_prompt_set
 from selfreward.judging import make_judge
 from selfreward.llm.openai import OpenAICompatClient
+from selfreward.shards import Sharding, assign, shard_path
 from selfreward.storage import RunLayout, load_jsonl
 from selfreward.testing.fake_gemini import FakeGemini, fake_gemini
 
@@ -83,10 +85,8 @@ PROMPTS = [
 ]
 
 
-def test_evaluate_iteration_with_served_models(
-    policy_server, adapter: str, gemini: FakeGemini, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+def served_eval_setup(tmp_path: Path, **eval_fields: Any) -> tuple[RunConfig, RunLayout]:
+    """The evaluation prompts, a short judge template and two EFT-eval records."""
     prompts = write_jsonl(
         tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)]
     )
@@ -97,7 +97,13 @@ def test_evaluate_iteration_with_served_models(
         name="served",
         artifact_root=tmp_path,
         judge={"mode": "logprob", "samples": 1, "template": str(template)},
-        eval={"prompts": str(prompts), "max_prompts": 4, "max_tokens": 12, "bootstrap_samples": 200},
+        eval={
+            "prompts": str(prompts),
+            "max_prompts": 4,
+            "max_tokens": 12,
+            "bootstrap_samples": 200,
+            **eval_fields,
+        },
     )
     layout = RunLayout(tmp_path, "served")
     layout.seed_dir.mkdir(parents=True)
@@ -118,6 +124,18 @@ def test_evaluate_iteration_with_served_models(
             for i in range(2)
         )
     )
+    return config, layout
+
+
+def evaluate_served(
+    config: RunConfig,
+    layout: RunLayout,
+    policy_server,
+    adapter: str,
+    gemini: FakeGemini,
+    sharding: Sharding | None = None,
+) -> dict[str, Any]:
+    """Evaluate the adapter (M2) against the base model (M1) after iteration 1."""
 
     async def run() -> dict[str, Any]:
         judge = make_judge(
@@ -129,15 +147,35 @@ def test_evaluate_iteration_with_served_models(
         client = OpenAICompatClient(policy_server.url)
         try:
             return await evaluate_iteration(
-                config, layout, 1, adapter, policy_server.model, judge, client, rm_judge=rm_judge
+                config,
+                layout,
+                1,
+                adapter,
+                policy_server.model,
+                judge,
+                client,
+                rm_judge=rm_judge,
+                sharding=sharding,
             )
         finally:
             await judge.aclose()
             await rm_judge.aclose()
             await client.aclose()
 
+    return asyncio.run(run())
+
+
+def test_evaluate_iteration_with_served_models(
+    policy_server, adapter: str, gemini: FakeGemini, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    config, layout = served_eval_setup(tmp_path)
+
+    def run() -> dict[str, Any]:
+        return evaluate_served(config, layout, policy_server, adapter, gemini)
+
     gemini.reset()
-    data = asyncio.run(run())
+    data = run()
     answers_dir = layout.eval_dir / "answers"
     new = {r["prompt_id"]: r for r in load_jsonl(answers_dir / f"answers-{adapter}.jsonl")}
     base = {r["prompt_id"]: r for r in load_jsonl(answers_dir / "answers-tiny.jsonl")}
@@ -174,9 +212,84 @@ def test_evaluate_iteration_with_served_models(
     # resume: nothing is generated or judged again
     before = {p.name: p.read_bytes() for p in answers_dir.iterdir()}
     gemini.reset()
-    again = asyncio.run(run())
+    again = run()
     assert {p.name: p.read_bytes() for p in answers_dir.iterdir()} == before
     assert gemini.calls == 0 and again["head2head"]["win_rate"] == h["win_rate"]
+
+
+def test_sharded_evaluation_judges_each_record_once_and_merges_in_prompt_order(
+    policy_server, adapter: str, gemini: FakeGemini, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluate stage in 3 shard jobs then its own job: each shard answers, judges and
+    scores every third prompt and EFT-eval record into shard files (a shard run again does
+    nothing twice), the stage's job merges them in prompt order, calls no judge and generates
+    nothing again, deletes the shard files and reports over every prompt."""
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    config, layout = served_eval_setup(tmp_path)
+    answers_dir, out = layout.eval_dir / "answers", layout.eval_dir / "iter-1"
+    stores = [
+        answers_dir / f"answers-{adapter}.jsonl",
+        answers_dir / "answers-tiny.jsonl",
+        out / f"verdicts-{adapter}-vs-tiny.jsonl",
+        out / f"rm-scores-policy_{adapter}.jsonl",
+    ]
+    gemini.reset()
+    parts = [
+        evaluate_served(config, layout, policy_server, adapter, gemini, Sharding(3, i)) for i in range(3)
+    ]
+    assert [p["shard"] for p in parts] == [[0, 3], [1, 3], [2, 3]]
+    order = [
+        p.id
+        for p in load_prompt_set(
+            config.eval.prompts, seed_dir=layout.seed_dir, max_prompts=4, seed=config.seed
+        )
+    ]
+    split = assign(order, 3)  # 4 prompts: 2, 1, 1
+    assert [p[f"head2head {policy_server.model}"] for p in parts] == [2, 1, 1]
+    assert [p["reward_model"] for p in parts] == [1, 1, 0]  # 2 EFT-eval records
+    assert not any(path.exists() for path in stores) and not (out / "report.json").exists()
+    for i in range(3):
+        for store in stores[:3]:
+            keys = {r["prompt_id"] for r in load_jsonl(shard_path(store, i, 3))}
+            assert keys == {p for p, s in split.items() if s == i}
+    calls = gemini.calls
+    again = evaluate_served(config, layout, policy_server, adapter, gemini, Sharding(3, 0))
+    assert again[f"head2head {policy_server.model}"] == 2 and gemini.calls == calls  # resumed
+
+    shards_bytes = {
+        p.name: p.read_bytes() for d in (answers_dir, out) for p in d.iterdir() if ".shard-" in p.name
+    }
+    data = evaluate_served(config, layout, policy_server, adapter, gemini, Sharding(3))
+    assert gemini.calls == calls  # every verdict came from the shards
+    assert not any(".shard-" in p.name for d in (answers_dir, out) for p in d.iterdir())
+    merged = {}
+    for store in stores:
+        recs = load_jsonl(store)
+        merged[store.name] = recs
+        ids = [r["prompt_id"] for r in recs]
+        assert len(ids) == len(set(ids))  # each record once
+    for store in stores[:3]:
+        assert [r["prompt_id"] for r in merged[store.name]] == order  # the prompts' order
+    assert [r["prompt_id"] for r in merged[stores[3].name]] == ["e0", "e1"]
+    shard_records = [
+        json.loads(line) for b in shards_bytes.values() for line in b.decode().splitlines() if line
+    ]
+    assert sorted(json.dumps(r, sort_keys=True) for r in shard_records) == sorted(
+        json.dumps(r, sort_keys=True) for recs in merged.values() for r in recs
+    )  # the merged stores hold exactly the shards' records
+    new = {r["prompt_id"]: r["output"] for r in merged[stores[0].name]}
+    base = {r["prompt_id"]: r["output"] for r in merged[stores[1].name]}
+    prefs = [expected_preference(new[p], base[p]) for p in sorted(new)]
+    h = data["head2head"]
+    assert (h["n"], h["failures"], h["wins"], h["ties"], h["losses"]) == (
+        4,
+        0,
+        prefs.count(1.0),
+        prefs.count(0.5),
+        prefs.count(0.0),
+    )
+    assert data["reward_model"]["responses_compared"] == 6
+    assert json.loads((out / "report.json").read_text())["head2head"]["win_rate"] == h["win_rate"]
 
 
 def test_head2head_command_with_served_models(

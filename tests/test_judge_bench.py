@@ -163,6 +163,55 @@ def test_random_baseline_is_stable_per_item() -> None:
 # ---------------------------------------------------------------- metrics
 
 
+def test_sharded_bench_judges_each_item_once_and_merges_in_item_order(tmp_path: Path) -> None:
+    """Three shard jobs then the stage's own job (the evaluate stage's judge benchmark in the
+    distributed mode): every item judged exactly once, by one shard, the store merged in the
+    sample's order, and the report the unsharded run's."""
+    import asyncio
+
+    from selfreward.evaluation.judge_bench import bench_judges
+    from selfreward.shards import Sharding, shard_path
+
+    bench = load_bench_set(DATA / "generic.jsonl")
+    judges = [baseline_judge("random:7"), baseline_judge("length:longer")]
+    assert all(j is not None for j in judges)
+
+    def run(out: Path, sharding: Sharding | None) -> dict[str, Any]:
+        return asyncio.run(
+            bench_judges(
+                bench,
+                judges,
+                mode="pointwise",
+                out_dir=out,
+                limit=None,
+                seed=3,
+                bootstrap_samples=50,
+                sharding=sharding,
+            )
+        )
+
+    plain = run(tmp_path / "plain", None)
+    sharded = tmp_path / "sharded"
+    judged = [run(sharded, Sharding(n=3, i=i))["judges"] for i in range(3)]
+    for name in ("random:7", "length:longer"):
+        counts = [j[name] for j in judged]
+        assert sum(counts) == len(bench.items) and max(counts) - min(counts) <= 1, counts
+    store = sharded / "verdicts" / "length_longer-baseline.jsonl"
+    assert not store.exists() and shard_path(store, 0, 3).is_file()
+    merged = run(sharded, Sharding(n=3))
+    assert not shard_path(store, 0, 3).exists()
+    ids = [r["id"] for r in load_jsonl(store)]
+    assert ids == [r["id"] for r in load_jsonl(tmp_path / "plain" / "verdicts" / store.name)]
+    assert len(set(ids)) == len(ids) == len(bench.items)
+
+    def metrics(report: dict[str, Any]) -> list[Any]:  # the report less its timings and costs
+        return [(j["judge"], j["metrics"]) for j in report["judges"]]
+
+    assert metrics(merged) == metrics(plain)
+    again = run(sharded, Sharding(n=3))  # idempotent: nothing judged twice
+    assert [r["id"] for r in load_jsonl(store)] == ids and metrics(again) == metrics(plain)
+
+
 def test_metrics_against_hand_built_verdicts() -> None:
     v = [
         ItemVerdict("a", "a", 10, 5, "x", "A", "A", True),  # correct, human longer, consistent

@@ -182,7 +182,8 @@ def test_shards_split_by_prompt_resume_and_merge_each_record_once_in_candidates_
     each record once, and removes the shard files."""
     import asyncio
 
-    from selfreward.judging.files import ajudge_candidates, merge_shards, shard_path, shards_of
+    from selfreward.judging.files import ajudge_candidates
+    from selfreward.shards import Sharding, assign, merge, shard_path
 
     cands = tmp_path / "candidates.jsonl"
     records = write_candidates(cands, prompts=12)
@@ -191,11 +192,11 @@ def test_shards_split_by_prompt_resume_and_merge_each_record_once_in_candidates_
 
     async def shard(i: int) -> dict[str, Any]:
         try:
-            return await ajudge_candidates(cands, out, judge, shard=(i, 3))
+            return await ajudge_candidates(cands, out, judge, sharding=Sharding(n=3, i=i))
         finally:
             await judge.aclose()  # each shard in an event loop of its own, as each shard job
 
-    split = shards_of(read_judge_inputs(cands), 3)
+    split = assign((x.prompt_id for x in read_judge_inputs(cands)), 3)
     assert split == {f"p{p}": p % 3 for p in range(12)}  # prompts in file order, round robin
     sizes = {i: sum(1 for r in records if split[r.prompt_id] == i) for i in range(3)}
     assert sizes == {0: 8, 1: 8, 2: 8}
@@ -207,8 +208,9 @@ def test_shards_split_by_prompt_resume_and_merge_each_record_once_in_candidates_
     assert asyncio.run(shard(0))["judged"] == 0 and len(fake.requests) == requests  # resumed: nothing twice
     for i in (1, 2):
         asyncio.run(shard(i))
-    assert merge_shards(cands, out, 3) == 24
+    order = [r.id for r in records]
+    assert merge(out, 3, order, lambda r: str(r["id"])) == 24
     merged = load_jsonl(out)
     assert [r["id"] for r in merged] == [r.id for r in records]
     assert not any(shard_path(out, i, 3).exists() for i in range(3))
-    assert merge_shards(cands, out, 3) == 0 and len(load_jsonl(out)) == 24  # idempotent
+    assert merge(out, 3, order, lambda r: str(r["id"])) == 0 and len(load_jsonl(out)) == 24  # idempotent

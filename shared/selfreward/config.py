@@ -371,8 +371,9 @@ class ServicesConfig(StrictModel):
         le=64,
         description="distributed mode: the judging stages (judgments, reference_judgments, "
         "future_judgments) split their candidates into this many shards (by prompt), each a job on "
-        "the judge queue that any worker takes, merged when all are done; the embedded mode judges "
-        "in one process",
+        "the judge queue that any worker takes, and the evaluate stage its prompts, EFT-eval "
+        "records and judge-bench items (jobs on the evaluate queue); merged when all are done. "
+        "The embedded mode judges in one process",
     )
 
     @field_validator("policy_pool")

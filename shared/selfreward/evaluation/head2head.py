@@ -17,6 +17,7 @@ from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.reports.files import write_report
 from selfreward.reports.markdown import head2head_markdown
 from selfreward.reports.plots import win_tie_loss_bars
+from selfreward.shards import Sharding, pick
 
 
 async def run_head2head(
@@ -34,18 +35,37 @@ async def run_head2head(
     seed: int = 0,
     prompts_spec: str | None = None,
     progress: Progress = NULL_PROGRESS,
+    sharding: Sharding | None = None,
 ) -> dict[str, Any]:
     """Head-to-head data (report.json content): A's win/tie/loss against B, answer lengths, settings.
 
     Generated answers are kept in `answers_dir` (default `work_dir`), verdicts in
-    `work_dir/verdicts-<a>-vs-<b>.jsonl`; both are resumable.
+    `work_dir/verdicts-<a>-vs-<b>.jsonl`; both are resumable. A shard job (`sharding.is_shard`)
+    answers and judges its part of the prompts into shard files (`selfreward.shards`) and
+    returns only its counts; the stage's own job merges them and computes the data.
     """
     answers_dir = answers_dir or work_dir
+    if sharding is not None and sharding.is_shard:
+        prompts = pick(prompts, sharding, lambda p: p.id)
+        if not prompts:
+            return {"kind": "head2head-shard", "prompt_count": 0, "judged": 0}
     answers_a = await collect_answers(
-        a, prompts, client=client, store_dir=answers_dir, settings=settings, progress=progress
+        a,
+        prompts,
+        client=client,
+        store_dir=answers_dir,
+        settings=settings,
+        progress=progress,
+        sharding=sharding,
     )
     answers_b = await collect_answers(
-        b, prompts, client=client, store_dir=answers_dir, settings=settings, progress=progress
+        b,
+        prompts,
+        client=client,
+        store_dir=answers_dir,
+        settings=settings,
+        progress=progress,
+        sharding=sharding,
     )
     items = [PairItem(p.id, p.instruction, answers_a[p.id], answers_b[p.id]) for p in prompts]
     verdicts = await judge_pairs(
@@ -55,7 +75,10 @@ async def run_head2head(
         store_path=work_dir / f"verdicts-{safe_name(a.name)}-vs-{safe_name(b.name)}.jsonl",
         progress=progress,
         task_name=f"judging {a.name} vs {b.name}",
+        sharding=sharding,
     )
+    if sharding is not None and sharding.is_shard:
+        return {"kind": "head2head-shard", "prompt_count": len(items), "judged": len(verdicts)}
     result = head_to_head(
         [v["preference"] for v in verdicts],
         a=a.name,

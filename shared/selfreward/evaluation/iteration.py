@@ -47,6 +47,7 @@ from selfreward.reports.markdown import iteration_markdown
 from selfreward.reports.plots import metric_trends, win_tie_loss_bars
 from selfreward.reports.trends import eval_dir, iteration_reports, length_series, trend_series
 from selfreward.schemas import EFTEvalRecord, read_records
+from selfreward.shards import Sharding
 from selfreward.storage import RunLayout
 
 
@@ -140,12 +141,20 @@ async def evaluate_iteration(
     teacher_judge: Judge | None = None,
     fixed_baseline_model: str | None = None,
     evaluator: Evaluator | None = None,
+    sharding: Sharding | None = None,
 ) -> dict[str, Any]:
     """Evaluate M(t+1) = `new_model` (served name) after iteration t; returns report.json's data.
 
     `judge` is the run's evaluator (`evaluator` says which and with what weights); M(t+1) is
     compared with `baseline_model` (M(t) by default) and with `fixed_baseline_model` (M1 by
-    default: the same for every iteration) on the held-out evaluation prompts."""
+    default: the same for every iteration) on the held-out evaluation prompts.
+
+    Sharded (`selfreward.shards`): a shard job answers, judges and scores its part of every
+    prompt set into shard files and returns only its counts (`{"shard": [i, n], ...}`, no
+    report); the stage's own job merges every shard file as it opens each store, does what is
+    missing, and writes the report."""
+    shard_job = sharding is not None and sharding.is_shard
+    shard_counts: dict[str, Any] = {}
     out = eval_dir(layout, t)
     out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
@@ -200,16 +209,21 @@ async def evaluate_iteration(
                 seed=config.seed,
                 prompts_spec=config.eval.prompts,
                 progress=progress,
+                sharding=sharding,
             )
-            h2h["summary"] = evidence(h2h, config.eval.min_prompts)
-            results[base] = h2h
-        if baseline_model is not None:
-            data["head2head"] = results[baseline_model]
-        if fixed_baseline_model is not None:
-            data["head2head_fixed"] = results[fixed_baseline_model]
-        plots["win_tie_loss.png"] = win_tie_loss_bars(
-            list(results.values()), f"{new_model} against its baselines"
-        )
+            if shard_job:
+                shard_counts[f"head2head {base}"] = h2h["judged"]
+            else:
+                h2h["summary"] = evidence(h2h, config.eval.min_prompts)
+                results[base] = h2h
+        if results:
+            if baseline_model is not None:
+                data["head2head"] = results[baseline_model]
+            if fixed_baseline_model is not None:
+                data["head2head_fixed"] = results[fixed_baseline_model]
+            plots["win_tie_loss.png"] = win_tie_loss_bars(
+                list(results.values()), f"{new_model} against its baselines"
+            )
     if config.eval.reward_model and rm_judge is not None:
         eft_path = layout.seed_dir / "eft_eval.jsonl"
         records = seeded_subset(read_records(eft_path, EFTEvalRecord), config.eval.max_prompts, config.seed)
@@ -220,16 +234,23 @@ async def evaluate_iteration(
             judge_name=name,
             out_path=out / f"rm-scores-{safe_name(name)}.jsonl",
             progress=progress,
+            sharding=sharding,
         )
-        report = compare_with_human(
-            read_scores(scored.path), records, scores_path=str(scored.path), reference_path=str(eft_path)
-        )
-        data["reward_model"] = {"judge": name, **report.to_json(), "retry_later": scored.retry_later}
-        plots["rm_scores.png"] = reward_model_plot(report)
+        if shard_job:
+            shard_counts["reward_model"] = scored.written
+        else:
+            report = compare_with_human(
+                read_scores(scored.path), records, scores_path=str(scored.path), reference_path=str(eft_path)
+            )
+            data["reward_model"] = {"judge": name, **report.to_json(), "retry_later": scored.retry_later}
+            plots["rm_scores.png"] = reward_model_plot(report)
     if config.eval.judge_bench:
         data["judge_bench"] = await iteration_judge_bench(
-            config, layout, t, rm_judge, teacher_judge, progress, self_name=rm_judge_name
+            config, layout, t, rm_judge, teacher_judge, progress, self_name=rm_judge_name, sharding=sharding
         )
+    if shard_job:
+        assert sharding is not None and sharding.i is not None
+        return {"shard": [sharding.i, sharding.n], **shard_counts, "judge_bench": data["judge_bench"]}
     data["metrics"] = summary_metrics(data)
     previous = [r for r in iteration_reports(layout) if r.get("iteration") != t]
     labels, series = trend_series([*previous, data])
@@ -249,6 +270,7 @@ async def iteration_judge_bench(
     progress: Progress = NULL_PROGRESS,
     *,
     self_name: str | None = None,
+    sharding: Sharding | None = None,
 ) -> dict[str, Any]:
     """Every `eval.judge_bench` set: per set report.json's data, each judge with its `role`
     (self, teacher, baseline); the teacher's and the baselines' verdicts are kept once per run."""
@@ -289,7 +311,11 @@ async def iteration_judge_bench(
             bootstrap_samples=config.eval.bootstrap_samples,
             progress=progress,
             stores=stores,
+            sharding=sharding,
         )
+        if sharding is not None and sharding.is_shard:
+            results[bench.name] = report
+            continue
         for j in report["judges"]:
             j["role"] = roles.get(j["judge"], "judge")
         if self_name is not None:

@@ -40,6 +40,7 @@ from selfreward.evaluation.metrics.judge_bench import ItemVerdict, bench_metrics
 from selfreward.judging.protocol import Judge
 from selfreward.judging.rows import Judged, judge_rows
 from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.shards import Sharding, pick, store_file
 from selfreward.storage import ResumableJsonl
 
 BenchMode = Literal["pointwise", "pairwise"]
@@ -146,6 +147,10 @@ def _usage(judge: Judge) -> dict[str, int] | None:
     return dict(usage) if usage is not None else None
 
 
+def _item_id(rec: dict[str, Any]) -> str:
+    return str(rec["id"])
+
+
 async def run_bench_judge(
     bench: BenchSet,
     judge: Judge | BaselineJudge,
@@ -156,9 +161,13 @@ async def run_bench_judge(
     samples: int | None = None,
     progress: Progress = NULL_PROGRESS,
     concurrency: int | None = None,
+    sharding: Sharding | None = None,
 ) -> BenchRun:
-    """Judge `items` (default: every item of the set) not yet in `store_path`."""
+    """Judge `items` (default: every item of the set) not yet in `store_path`; a shard job
+    (`sharding`) judges its part of them into its shard file (`selfreward.shards`)."""
     todo_items = list(bench.items if items is None else items)
+    store_path = store_file(store_path, sharding, [x.id for x in todo_items], _item_id)
+    todo_items = pick(todo_items, sharding, lambda x: x.id)
     is_baseline = isinstance(judge, BaselineJudge)
     run_mode = "baseline" if is_baseline else mode
     identity = judge.identity if is_baseline else f"{judge.identity}|bench={mode}"
@@ -206,7 +215,7 @@ async def run_bench_judge(
         return [Judged(item.id, rec, transient)]
 
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    with ResumableJsonl(store_path, key=lambda r: str(r["id"])) as store:
+    with ResumableJsonl(store_path, key=_item_id) as store:
         _check_store(store, identity)
         done = sum(1 for x in todo_items if x.id in store)
         task = progress.task(f"judge bench {bench.name}: {name}", len(todo_items), done=done)
@@ -310,11 +319,14 @@ async def bench_judges(
     samples: int | None = None,
     progress: Progress = NULL_PROGRESS,
     stores: dict[str, Path] | None = None,
+    sharding: Sharding | None = None,
 ) -> dict[str, Any]:
     """Every judge on the same seeded sample of at most `limit` items; returns report.json's data.
 
     A judge's verdicts go to `stores[judge.name]` when given (e.g. a teacher measured once per
-    run), else `out_dir/verdicts/<judge>-<mode>.jsonl`."""
+    run), else `out_dir/verdicts/<judge>-<mode>.jsonl`. A shard job (`sharding.is_shard`) judges
+    its part of the sample into shard files and returns only its counts (`{"judges": {name:
+    judged now}}`): the report is the stage's own job's, after merging."""
     from selfreward.evaluation.prompt_sets import seeded_subset
 
     if not bench.items:
@@ -328,9 +340,18 @@ async def bench_judges(
         path = (stores or {}).get(judge.name) or out_dir / "verdicts" / store_name(judge, mode)
         runs.append(
             await run_bench_judge(
-                bench, judge, mode=mode, store_path=path, items=items, samples=samples, progress=progress
+                bench,
+                judge,
+                mode=mode,
+                store_path=path,
+                items=items,
+                samples=samples,
+                progress=progress,
+                sharding=sharding,
             )
         )
+    if sharding is not None and sharding.is_shard:
+        return {"judges": {r.judge: r.cost["judged_now"] for r in runs}}
     return bench_report(
         bench, runs, limit=limit, sampled=len(items), bootstrap_samples=bootstrap_samples, seed=seed
     )

@@ -19,6 +19,7 @@ from typing import Any
 from selfreward.judging.protocol import Judge
 from selfreward.judging.rows import Judged, judge_rows
 from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.shards import Sharding, store_file
 from selfreward.storage import ResumableJsonl, sha256_text
 
 
@@ -34,6 +35,10 @@ class PairItem:
         return self.output_a.strip() == self.output_b.strip()
 
 
+def _key(rec: dict[str, Any]) -> str:
+    return str(rec["key"])
+
+
 def verdict_key(item: PairItem, judge_name: str) -> str:
     digest = sha256_text("\0".join((item.instruction, item.output_a, item.output_b)))[:16]
     return f"{item.prompt_id}|{digest}|{judge_name}"
@@ -47,8 +52,10 @@ async def judge_pairs(
     store_path: Path,
     progress: Progress = NULL_PROGRESS,
     task_name: str = "judging pairs",
+    sharding: Sharding | None = None,
 ) -> list[dict[str, Any]]:
-    """One verdict record per item (same order): preference (1 = A better) or None on failure."""
+    """One verdict record per item (same order): preference (1 = A better) or None on failure.
+    A shard job (`sharding`) writes its verdicts to its shard file (`selfreward.shards`)."""
     failed = [0]
 
     async def one(unit: list[PairItem]) -> list[Judged]:
@@ -74,7 +81,8 @@ async def judge_pairs(
         failed[0] += bool(record["failure"])
         return [Judged(record["key"], record, transient)]
 
-    with ResumableJsonl(store_path, key=lambda r: str(r["key"])) as store:
+    path = store_file(store_path, sharding, [verdict_key(it, judge_name) for it in items], _key)
+    with ResumableJsonl(path, key=_key) as store:
         keyed = {verdict_key(it, judge_name): it for it in items}
         todo = sum(1 for k in keyed if k not in store)
         failed[0] = sum(1 for r in store.records.values() if r.get("failure"))

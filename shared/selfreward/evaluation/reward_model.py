@@ -30,6 +30,7 @@ from selfreward.reports.files import write_report
 from selfreward.reports.markdown import reward_model_markdown
 from selfreward.reports.plots import score_histograms
 from selfreward.schemas import EFTEvalRecord, read_records
+from selfreward.shards import Sharding, pick, store_file
 from selfreward.storage import ResumableJsonl
 
 
@@ -48,8 +49,10 @@ async def score_eft(
     out_path: Path,
     samples: int | None = None,
     progress: Progress = NULL_PROGRESS,
+    sharding: Sharding | None = None,
 ) -> ScoredEft:
-    """Score every reply of every EFT-eval record with `judge` into `out_path` (scores JSONL).
+    """Score every reply of every EFT-eval record with `judge` into `out_path` (scores JSONL);
+    a shard job (`sharding`) its records into its shard file (`selfreward.shards`).
 
     Raises ServiceError when no record at all could be scored (every one hit transient
     failures), naming the first failure.
@@ -86,6 +89,8 @@ async def score_eft(
             retry_later.append(f"{judged.key}: {judged.transient}")
         return {"retry_later": len(retry_later)}
 
+    out_path = store_file(out_path, sharding, [r.id for r in records], lambda r: str(r["prompt_id"]))
+    records = pick(records, sharding, lambda r: r.id)
     with ResumableJsonl(out_path, key=lambda r: str(r["prompt_id"])) as store:
         done = sum(1 for r in records if r.id in store)
         task = progress.task(f"scoring EFT eval ({judge_name})", len(records), done=done)

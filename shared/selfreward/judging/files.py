@@ -26,12 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfreward import shards
 from selfreward.errors import InputError, StageError
 from selfreward.judging.protocol import Judge, failure_kind
 from selfreward.judging.rows import Judged, judge_rows
 from selfreward.progress import NULL_PROGRESS, Progress
 from selfreward.schemas import JudgmentRecord
+from selfreward.shards import Sharding
 from selfreward.storage import ResumableJsonl, read_jsonl, sha256_text
+
+
+def _record_id(rec: dict[str, Any]) -> str:
+    return str(rec["id"])
 
 
 @dataclass(frozen=True)
@@ -102,50 +108,6 @@ def _by_instruction(items: list[JudgeInput]) -> list[list[JudgeInput]]:
     return list(groups.values())
 
 
-# ---------------------------------------------------------------- shards
-
-
-def shards_of(inputs: list[JudgeInput], n: int) -> dict[str, int]:
-    """The shard (0..n-1) of each prompt: the k-th distinct prompt of the candidates file (in
-    file order) goes to shard k mod n. The candidates of one prompt stay in one shard (one
-    request scores them), the shards differ by at most one prompt (measured: a hash of the
-    prompt id left the largest of 4 shards of 400 prompts 15% over the mean, and the stage waits
-    for its largest shard), and every process computes the same split from the same file."""
-    shards: dict[str, int] = {}
-    for x in inputs:
-        if x.prompt_id not in shards:
-            shards[x.prompt_id] = len(shards) % n
-    return shards
-
-
-def shard_path(out_path: str | Path, i: int, n: int) -> Path:
-    """Where shard i of n of `out_path` is written: judgments.jsonl -> judgments.shard-1-of-3.jsonl."""
-    out = Path(out_path)
-    return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
-
-
-def merge_shards(candidates_path: str | Path, out_path: str | Path, n: int) -> int:
-    """Append the records of the n shard files to `out_path`, in the candidates file's order,
-    each once (records already there are kept as they are), then delete the shard files.
-    Returns the records merged. Crash-safe: re-running it after a crash merges what is missing
-    (the shard files are deleted only after every record is in `out_path`)."""
-    shards = [shard_path(out_path, i, n) for i in range(n)]
-    found: dict[str, dict[str, Any]] = {}
-    for path in shards:
-        if path.is_file():
-            for _, rec in read_jsonl(path):
-                found.setdefault(str(rec["id"]), rec)
-    merged = 0
-    with ResumableJsonl(out_path, key=lambda r: str(r["id"])) as out:
-        for x in read_judge_inputs(candidates_path):
-            if x.id not in out and x.id in found:
-                out.append(found[x.id])
-                merged += 1
-    for path in shards:
-        path.unlink(missing_ok=True)
-    return merged
-
-
 async def ajudge_candidates(
     candidates_path: str | Path,
     out_path: str | Path,
@@ -154,17 +116,19 @@ async def ajudge_candidates(
     *,
     samples: int | None = None,
     stage: str = "judgments",
-    shard: tuple[int, int] | None = None,
+    sharding: Sharding | None = None,
 ) -> dict[str, Any]:
     """Judge every candidate not yet in `out_path`; returns counts (see module docstring).
-    `stage` names the progress task and the error (the loop's judging stages). `shard` (i, n):
-    only the candidates of shard i (`shards_of`), written to `shard_path(out_path, i, n)`."""
+    `stage` names the progress task and the error (the loop's judging stages). `sharding`
+    (`selfreward.shards`): a shard job judges its prompts' candidates into its shard file; the
+    stage's own job merges the shard files into `out_path` first (counted in `from_shards`)."""
     inputs = read_judge_inputs(candidates_path)
-    if shard is not None:
-        i, n = shard
-        shards = shards_of(inputs, n)
-        inputs = [x for x in inputs if shards[x.prompt_id] == i]
-        out_path = shard_path(out_path, i, n)
+    merged = 0
+    if sharding is not None and sharding.is_shard:
+        inputs = shards.pick(inputs, sharding, lambda x: x.prompt_id)
+        out_path = shards.store_file(out_path, sharding, [], _record_id)
+    elif sharding is not None:
+        merged = shards.merge(out_path, sharding.n, [x.id for x in inputs], _record_id)
     kinds: Counter[str] = Counter()
     counts: dict[str, Any] = {
         "candidates": len(inputs),
@@ -207,7 +171,7 @@ async def ajudge_candidates(
                 kinds.update(failure_kind(v.failure) for v in res.verdicts if v.failure)
         return out
 
-    with ResumableJsonl(out_path, key=lambda r: str(r["id"])) as out:
+    with ResumableJsonl(out_path, key=_record_id) as out:
         _check_same_judge(out, judge, judge.template.sha256)
         task = progress.task(stage, len(inputs), done=sum(1 for x in inputs if x.id in out))
         report = await judge_rows(
@@ -233,6 +197,12 @@ async def ajudge_candidates(
         mode=judge.mode,
         written=written,
     )
+    if merged:
+        counts.update(
+            judged=counts["judged"] + merged,
+            already_judged=counts["already_judged"] - merged,
+            from_shards={"shards": sharding.n if sharding else 1, "records": merged},
+        )
     if errors:
         raise StageError(
             stage,

@@ -5,6 +5,11 @@ M(t+1) against `eval.head2head_against` (M(t) by default) and `eval.fixed_baseli
 default) judged by the run's pinned evaluator (`selfreward.evaluation.evaluator`), and the
 reward-modeling agreement of M(t+1) as a judge with the human ranks of the EFT-eval split;
 answers, verdicts and scores are resumable. The stage manifest keeps the headline metrics.
+
+Sharded (distributed mode, `services.judge_shards` > 1): n shard jobs on the evaluate queue
+each answer, judge and score their part of the prompts (every n-th prompt, EFT-eval record and
+judge-bench item) into shard files; the stage's own job merges them, does what is missing and
+writes the report (`selfreward.shards`).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ async def run(ctx: StageContext) -> EvaluateResult:
     from selfreward.evaluation.evaluator import resolve_evaluator
     from selfreward.evaluation.iteration import evaluate_iteration
     from selfreward.judging import make_run_judge
+    from selfreward.shards import Sharding
     from selfreward.stages.prepare import base_model_dir
 
     cfg = ctx.config
@@ -108,12 +114,15 @@ async def run(ctx: StageContext) -> EvaluateResult:
             teacher_judge=teacher_judge,
             fixed_baseline_model=fixed,
             evaluator=evaluator,
+            sharding=Sharding.of(ctx.shard, cfg.services.judge_shards),
         )
     finally:
         await judge.aclose()
         for extra in (rm_judge, teacher_judge):
             if extra is not None:
                 await extra.aclose()
+    if "shard" in data:  # a shard job's counts: the stage's own job writes the report
+        return EvaluateResult(model=new, baseline=baseline, fixed_baseline=fixed, metrics=data)
     return EvaluateResult(
         model=new,
         baseline=baseline,
@@ -129,5 +138,6 @@ STAGE = Stage(
     run=run,
     queue="evaluate",
     result=EvaluateResult,
+    shardable=True,
     description="M(t+1) vs a baseline (win rates) and as a judge vs human ranks",
 )

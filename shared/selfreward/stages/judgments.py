@@ -43,9 +43,10 @@ async def judge_file(
 
     Sharded (distributed mode, `services.judge_shards` > 1): a shard job (`ctx.shard` = (i, n))
     judges shard i into its own file; the stage's own job then merges the shard files in the
-    candidates' order (`selfreward.judging.files.merge_shards`) and judges whatever is missing."""
+    candidates' order (`selfreward.shards`) and judges whatever is missing."""
     cfg = ctx.config
-    from selfreward.judging.files import ajudge_candidates, merge_shards
+    from selfreward.judging.files import ajudge_candidates
+    from selfreward.shards import Sharding
 
     judge: Any
     if cfg.services.judge_url:
@@ -71,24 +72,14 @@ async def judge_file(
             client=ctx.policy,
         )
     try:
-        if ctx.shard is not None:
-            return await ajudge_candidates(
-                ctx.file(source), ctx.file(output), judge, ctx.progress, stage=output, shard=ctx.shard
-            )
-        merged = 0
-        n = cfg.services.judge_shards
-        if n > 1:  # the shard jobs wrote their parts: merge them, then judge anything missing
-            merged = merge_shards(ctx.file(source), ctx.file(output), n)
-        counts = await ajudge_candidates(
-            ctx.file(source), ctx.file(output), judge, ctx.progress, stage=output
+        return await ajudge_candidates(
+            ctx.file(source),
+            ctx.file(output),
+            judge,
+            ctx.progress,
+            stage=output,
+            sharding=Sharding.of(ctx.shard, cfg.services.judge_shards),
         )
-        if merged:
-            counts.update(
-                judged=counts["judged"] + merged,
-                already_judged=counts["already_judged"] - merged,
-                from_shards={"shards": n, "records": merged},
-            )
-        return counts
     finally:
         await judge.aclose()
 
