@@ -59,6 +59,14 @@ def run(
     page = build_run_report(RunLayout(config.artifact_root, config.name))
     console.print(f"total {result.seconds / 60:.1f} min; artifacts in {result.run_dir}")
     console.print(f"report: {page}")
+    from selfreward.cli.dashboard_cmd import open_command
+
+    # one line, never wrapped: a command to copy
+    console.print(
+        f"dashboard: {open_command(config.artifact_root)}  (then open http://127.0.0.1:8765/ui/)",
+        soft_wrap=True,
+        markup=False,
+    )
     if result.stopped:
         console.print(f"[bold red]stopped[/]: {result.stopped}")
         raise typer.Exit(1)

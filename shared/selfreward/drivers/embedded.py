@@ -9,6 +9,10 @@ stops it at the end. Finished stages are skipped (their manifests exist), so run
 command again after a crash or Ctrl-C resumes at the first unfinished stage. There is no Redis
 in this mode: the judges a stage builds cache their verdicts in-process, and the stage files
 are the resume state.
+
+For the dashboard (`selfreward ui`), a running stage's progress is written to
+`iter-<t>/<stage>.progress.json` (at most once a second) and a failed stage's error to
+`iter-<t>/<stage>.error.json` (stage, record, message), removed when the stage succeeds.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ from typing import Any
 import yaml
 
 from selfreward.config import RunConfig, dump_config
-from selfreward.errors import ConfigError
+from selfreward.errors import ConfigError, StageError, named_record
 from selfreward.evaluation.judge_health import collapse_stop
-from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.progress import NULL_PROGRESS, Progress, file_sink
 from selfreward.stages import plan
 from selfreward.stages.stage import StageContext, model_name, run_stage
-from selfreward.storage import RunLayout, atomic_write_text, read_manifest
+from selfreward.storage import RunLayout, atomic_write_json, atomic_write_text, read_manifest
 
 # fields that may differ between two invocations of the same run (where, not what)
 LOCATION_FIELDS = ("artifact_root",)
@@ -71,6 +75,35 @@ def check_run_config(layout: RunLayout, config: RunConfig) -> None:
             )
         return
     atomic_write_text(layout.config_path, text)
+
+
+def stage_error(stage: str, t: int, exc: BaseException) -> dict[str, Any]:
+    """What `<stage>.error.json` holds: the stage, the record the error names (if any), the message."""
+    message = str(exc) or type(exc).__name__
+    return {
+        "stage": stage,
+        "t": t,
+        "record": named_record(message),
+        "message": message[:4000],
+        "type": type(exc).__name__,
+        "user_error": isinstance(exc, StageError),
+        "failed_at": time.time(),
+    }
+
+
+def run_stage_with_files(ctx: StageContext, stage: Any) -> dict[str, Any]:
+    """`run_stage` with the dashboard's files: progress while it runs, the error if it fails."""
+    layout, t = ctx.layout, ctx.t
+    error_path = layout.stage_error(t, stage.name)
+    sink = file_sink(layout.stage_progress(t, stage.name), stage=stage.name, t=t)
+    ctx.progress = Progress(*ctx.progress.sinks, sink)
+    try:
+        manifest = run_stage(ctx, stage)
+    except Exception as exc:
+        atomic_write_json(error_path, stage_error(stage.name, t, exc))
+        raise
+    error_path.unlink(missing_ok=True)
+    return manifest
 
 
 def published_adapters(layout: RunLayout) -> list[Any]:
@@ -149,7 +182,7 @@ def run_embedded(
                     url = server_url() if stage.needs_policy(config) else policy_url
                     ctx = StageContext(config, layout, t, progress, policy_url=url, redis_url=None)
                     t0 = time.time()
-                    manifest = run_stage(ctx, stage)
+                    manifest = run_stage_with_files(ctx, stage)
                     outcome = StageOutcome(t, stage.name, "ran", time.time() - t0, manifest)
                 result.outcomes.append(outcome)
                 if on_stage is not None:
