@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 from test_policy_pool import make_adapter
 
@@ -88,6 +89,14 @@ def test_auto_resolves_per_device_and_gpu_sharing() -> None:
         PolicyServerConfig(device="cpu", sleep_during_training="on")
     with pytest.raises(ConfigError, match="vLLM has no sleep mode on CPU"):
         build_config({"policy": {"sleep_during_training": "on"}}, environ={})
+    # unquoted on/off, which YAML reads as booleans, in a file and in SELFREWARD_* variables
+    for text, want in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        parsed = build_config(
+            yaml.safe_load(f"policy: {{device: cuda, sleep_during_training: {text}}}"), environ={}
+        )
+        assert parsed.policy.sleep_during_training == want
+        env = {"SELFREWARD_POLICY__DEVICE": "cuda", "SELFREWARD_POLICY__SLEEP_DURING_TRAINING": text}
+        assert build_config({}, environ=env).policy.sleep_during_training == want
 
 
 VLLM_PARSE = r"""

@@ -356,6 +356,12 @@ class PolicyServerConfig(StrictModel):
         "is not cpu, false for a policy service elsewhere (docker-compose.yml sets it: TRAINER_SHARES_POLICY_GPU)",
     )
 
+    @field_validator("sleep_during_training", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads unquoted on/off as booleans, in files and SELFREWARD_* values
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _sleep_needs_a_gpu(self) -> PolicyServerConfig:
         if self.sleep_during_training == "on" and self.device == "cpu":
