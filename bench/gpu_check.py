@@ -168,6 +168,10 @@ def distances(config: Any, base: Path, device: str, tolerance: float) -> dict[st
     return out
 
 
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def summary(result: dict[str, Any]) -> str:
     lines = ["", "=" * 72, f"GPU check summary ({result['mode']})", "=" * 72]
     env = result["environment"]
@@ -187,7 +191,7 @@ def summary(result: dict[str, Any]) -> str:
         )
         lines.append(
             f"{kind}: {r['steps']} steps {r['precision']} on {r['device']}: {r['tokens_per_s']} tokens/s, "
-            f"{r['samples_per_s']} samples/s, loss {r['first_loss']} -> {r['last_loss']} "
+            f"{r['samples_per_s']} samples/s, loss {_num(r['first_loss'])} -> {_num(r['last_loss'])} "
             f"(train {r['train_seconds']:.1f} s, job {r['job_seconds']} s){peak}"
         )
     fp = result["fingerprint"]
