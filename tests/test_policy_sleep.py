@@ -24,7 +24,7 @@ from test_policy_pool import make_adapter
 
 from selfreward.config import PolicyServerConfig, RunConfig, build_config
 from selfreward.drivers.embedded import policy_asleep_for
-from selfreward.drivers.rq import policy_for
+from selfreward.drivers.rq import NOT_RETRIED, policy_for
 from selfreward.errors import ConfigError
 from selfreward.llm.openai import OpenAICompatClient, SleepModeUnavailable
 from selfreward.policy.launcher import vllm_command, vllm_env
@@ -180,6 +180,7 @@ def test_a_server_without_sleep_mode_fails_clearly(tmp_path: Path) -> None:
         # through the driver: the training does not start on a policy that cannot sleep
         config = cuda_run(tmp_path, fake.url, shares_gpu_with_trainer=True)
         ran = []
+        assert isinstance(err.value, NOT_RETRIED)  # the distributed mode fails the stage at once
         with (
             pytest.raises(SleepModeUnavailable, match=fake.url),
             policy_for(context(config), training_stage(fake)),
@@ -249,6 +250,12 @@ def test_distributed_driver_sleeps_every_replica_and_the_publish_after_verifies(
         asyncio.run(put_to_sleep())
         for fake in (one, two):
             fake.calls.clear()
+        # (only the stage after a training stage in the plan: another run's stages must not
+        # wake the policy while a run trains)
+        candidates_like = Stage(name="candidates", run=training_stage(one).run, queue="generate", result=Seen)
+        with policy_for(ctx, candidates_like):
+            assert two.sleeping == 1
+        assert one.calls == two.calls == []
         publish_like = Stage(name="publish", run=training_stage(one).run, queue="generate", result=Seen)
         with policy_for(ctx, publish_like):
             assert two.sleeping == 0

@@ -28,13 +28,15 @@ from rq.job import Job, JobStatus
 from selfreward.drivers.stage_log import capture
 from selfreward.drivers.state import LIVE, IterationState, RunStore
 from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
+from selfreward.llm.openai import SleepModeUnavailable
 from selfreward.progress import Progress, rq_meta_sink
 from selfreward.stages import plan
 from selfreward.stages.stage import Stage, StageContext
 from selfreward.storage import RunLayout, sha256_text
 
 # errors a retry cannot fix: the stage fails at once (fix the cause, then resume the iteration)
-NOT_RETRIED = (ConfigError, InputError, EmptyResultError)
+# (and a policy that cannot sleep where the run says it sleeps during training)
+NOT_RETRIED = (ConfigError, InputError, EmptyResultError, SleepModeUnavailable)
 log = logging.getLogger(__name__)
 
 
@@ -259,8 +261,10 @@ def policy_for(ctx: StageContext, stage: Stage) -> contextlib.AbstractContextMan
     """The policy as the stage needs it, where it sleeps during training
     (policy.sleep_during_training; the services are elsewhere: `shares_gpu_with_trainer` says
     whether the trainer shares the policy's GPU): asleep while a training stage that has work
-    left runs (woken after, also on failure), and awake before a stage that talks to it (a
-    training job killed before its `finally` leaves it asleep: the next stage wakes it)."""
+    left runs (woken after, also on failure), and awake before the stage that follows a training
+    stage in the plan and talks to the policy (a training job killed before its `finally` leaves
+    it asleep). Only that stage wakes it: another run's stages must not wake the policy while
+    this run trains (several runs at once on one GPU: docs/deployment.md, Sleep mode)."""
     import asyncio
 
     from selfreward.policy.sleep import asleep_while, policy_urls, run_sleeps, wake_sleeping
@@ -270,13 +274,21 @@ def policy_for(ctx: StageContext, stage: Stage) -> contextlib.AbstractContextMan
         return contextlib.nullcontext()
     if stage.queue == "train":
         return asleep_while(config, ctx.url, own_server=False)
-    if stage.needs_policy(config):
+    if stage.needs_policy(config) and follows_training(stage, ctx.t, config.variant):
 
         async def wake() -> None:
             await wake_sleeping(await policy_urls(config.services, ctx.url), config.services)
 
         asyncio.run(wake())
     return contextlib.nullcontext()
+
+
+def follows_training(stage: Stage, t: int, method: str | None = None) -> bool:
+    """`stage` comes right after a training stage (the `train` queue) in iteration t's plan."""
+    stages = plan.stages_of(t, method)
+    names = [s.name for s in stages]
+    i = names.index(stage.name) if stage.name in names else -1
+    return i > 0 and stages[i - 1].queue == "train"
 
 
 def run_shard(ctx: StageContext, stage: Stage) -> dict[str, Any]:
