@@ -146,23 +146,64 @@ def test_the_launcher_passes_the_flag_and_env_only_when_on() -> None:
 # ---------------------------------------------------------------- the client and the fake
 
 
-def test_sleep_wake_and_requests_waiting_while_asleep() -> None:
-    async def go(url: str, fake: FakeVLLM) -> None:
-        async with OpenAICompatClient(url) as client:
-            assert await client.is_sleeping() is False
-            assert await client.sleep() == {"status": "sleeping", "level": 1}
-            assert await client.is_sleeping() is True
-            # vLLM accepts a request while asleep and schedules it once awake
-            pending = asyncio.create_task(client.complete("m0", [1, 7, 9], max_tokens=1, logprobs=2))
-            await asyncio.sleep(0.5)
-            assert not pending.done() and fake.queued_while_asleep == 1
-            assert await client.wake_up() == {"status": "awake", "tags": None}
-            answer = await asyncio.wait_for(pending, 10)
-            assert answer.choices and await client.is_sleeping() is False
+async def sleep_protocol(url: str, model: str, waited_s: float = 0.5) -> None:
+    """What a server with sleep mode answers (vLLM 0.32's wire format), and that a request sent
+    while it sleeps waits and is answered once it is awake."""
+    async with OpenAICompatClient(url) as client:
+        assert await client.is_sleeping() is False
+        assert await client.sleep() == {"status": "sleeping", "level": 1}
+        assert await client.is_sleeping() is True
+        pending = asyncio.create_task(client.complete(model, [1, 7, 9], max_tokens=1, logprobs=2))
+        await asyncio.sleep(waited_s)
+        assert not pending.done(), "a request was answered while the server slept"
+        assert await client.wake_up() == {"status": "awake", "tags": None}
+        answer = await asyncio.wait_for(pending, 60)
+        assert answer.choices and await client.is_sleeping() is False
 
+
+def test_sleep_wake_and_requests_waiting_while_asleep() -> None:
     with fake_vllm(sleep_mode=True) as fake:
-        asyncio.run(go(fake.url, fake))
+        asyncio.run(sleep_protocol(fake.url, "m0"))
+        assert fake.queued_while_asleep == 1
         assert fake.calls == ["is_sleeping", "sleep?level=1", "is_sleeping", "wake_up", "is_sleeping"]
+
+
+def test_real_vllm_speaks_the_fakes_protocol_and_publishing_verifies_after_a_wake(
+    tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM 0.32 on CPU with VLLM_SERVER_DEV_MODE=1: its sleep endpoints answer as the fake does
+    (on CPU the worker keeps its memory, but the engine pauses and resumes its scheduler as on a
+    GPU), through the embedded driver's hook around a training stage, then an adapter is
+    published and its fingerprint verified. What a GPU does with the memory is not checked here."""
+    from selfreward.policy.launcher import PolicyServer
+    from selfreward.policy.prepare import prepare_model
+
+    served = prepare_model(str(tiny_model_dir), tmp_path / "cache")
+    policy = PolicyServerConfig(port=0, cpu_kvcache_gib=1, max_lora_rank=16, max_loras=2)
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    with PolicyServer(
+        served, served_name="tiny", policy=policy, max_model_len=512, log_dir=tmp_path / "logs", env=env
+    ) as server:
+        asyncio.run(sleep_protocol(server.url, "tiny", waited_s=1.5))
+        seen: list[bool] = []
+
+        async def train(ctx: StageContext) -> Seen:
+            async with OpenAICompatClient(server.url) as client:
+                seen.append(await client.is_sleeping())
+            return Seen(sleeping=int(seen[-1]))
+
+        config = cuda_run(tmp_path, server.url)
+        stage = Stage(name="sft", run=train, queue="train", result=Seen, needs_policy=never)
+        with policy_asleep_for(config, stage, server.url, own_server=True):
+            run_stage(context(config), stage)
+
+        async def after() -> dict[str, Any]:
+            async with OpenAICompatClient(server.url) as client:
+                assert await client.is_sleeping() is False
+            return await publish_to_policy(config.services, tiny_lora_dir, name="m1", parent="tiny")
+
+        record = asyncio.run(after())
+        assert seen == [True] and record["max_abs_diff"] < 0.002
 
 
 def test_a_server_without_sleep_mode_fails_clearly(tmp_path: Path) -> None:
