@@ -1,10 +1,12 @@
-"""vLLM's sleep mode around training (selfreward.policy.sleep), against fake replicas.
+"""vLLM's sleep mode around training (selfreward.policy.sleep), against fake and real replicas.
 
-No GPU here: the replicas are real HTTP servers on loopback (`selfreward.testing.fake_vllm`)
+No GPU here: most replicas are real HTTP servers on loopback (`selfreward.testing.fake_vllm`)
 speaking vLLM 0.32's sleep endpoints, and the training stages are real stages of the `train`
 queue whose function looks at the replica while it runs (the real trainer needs no policy, so
-what it sees of the policy is only whether it sleeps). The launcher's flags are parsed by vLLM's
-own argument parser. What vLLM does on a GPU when it sleeps is checked by bench/gpu_check.sh only.
+what it sees of the policy is only whether it sleeps). One test runs the same protocol against a
+real vLLM 0.32 on CPU with VLLM_SERVER_DEV_MODE=1 (its engine pauses as on a GPU; its CPU worker
+keeps its memory). The launcher's flags are parsed by vLLM's own argument parser. What a GPU
+does with its memory when vLLM sleeps is not checked anywhere yet (docs/deployment.md).
 """
 
 from __future__ import annotations
