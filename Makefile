@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: setup redis-check chromium-check test test-fast lint quickstart lock clean k8s-validate compose-validate hadolint deploy-validate check-pythons
+.PHONY: setup redis-check chromium-check test test-fast lint quickstart lock clean k8s-validate compose-validate hadolint deploy-validate check-pythons gpu-wheels
 
 setup: $(BIN)/selfreward redis-check chromium-check ## create .venv and install everything (pinned)
 
@@ -68,6 +68,9 @@ lint:
 
 quickstart: setup ## the embedded default: SmolLM2-135M, demo seed, one self-rewarding iteration on CPU
 	$(BIN)/selfreward run configs/quickstart.yaml
+
+gpu-wheels: ## what bench/gpu_check.sh carries to a GPU machine: bench/wheels/ (CPython 3.12) and the model in two halves, bench/carry/{1,2}/
+	bash bench/gpu_check.sh --fetch
 
 lock: ## refresh requirements/constraints.txt from the current environment
 	{ echo "# Exact versions measured together on CPU (make setup installs with these as constraints)."; \

@@ -534,6 +534,47 @@ def test_runs_train_with_the_template_the_gpu_policy_serves(source: str, tmp_pat
     assert empty["coordinator"].env["SELFREWARD_MODEL__CHAT_TEMPLATE"] == ""  # -> model.chat_template: null
 
 
+# stands in for `vllm`: prints its pid, the VLLM_SERVER_DEV_MODE it got (or "-"), its arguments
+VLLM_DEV_MODE_STUB = '#!/bin/sh\nprintf \'%s\\0\' "$$" "${VLLM_SERVER_DEV_MODE:--}" "$@"\n'
+
+
+def test_compose_policy_sleeps_during_training_where_it_shares_the_trainers_gpu(tmp_path: Path) -> None:
+    """The compose policy starts with sleep mode (--enable-sleep-mode, VLLM_SERVER_DEV_MODE=1) exactly
+    when the runs the coordinator builds sleep it during training, from the same two variables
+    (POLICY_SLEEP_DURING_TRAINING, TRAINER_SHARES_POLICY_GPU); Kubernetes gives the policy its own
+    GPU: no sleep mode; the CPU overlay's runs never sleep it."""
+    from selfreward.config import build_config
+    from selfreward.policy.sleep import run_sleeps
+
+    stub_dir = tmp_path / "stub"
+    stub_dir.mkdir()
+    (stub_dir / "vllm").write_text(VLLM_DEV_MODE_STUB)
+    (stub_dir / "vllm").chmod(0o755)
+    loc = Localiser(tmp_path / "local", tmp_path, {})
+
+    def policy_and_runs(spec_env: dict[str, str], policy: Spec) -> tuple[bool, bool, bool]:
+        argv, dev_mode = exec_run(loc.localise(policy, None), stub_dir)
+        config = build_config({}, environ=spec_env)
+        assert config.policy.device == "cuda"
+        return "--enable-sleep-mode" in argv, dev_mode == "1", run_sleeps(config, own_server=False)
+
+    cases = [
+        ({}, True),  # one GPU for both (the default): auto sleeps
+        ({"TRAINER_SHARES_POLICY_GPU": "false"}, False),  # TRAINER_GPU=1
+        ({"POLICY_SLEEP_DURING_TRAINING": "off"}, False),
+        ({"POLICY_SLEEP_DURING_TRAINING": "on", "TRAINER_SHARES_POLICY_GPU": "false"}, True),
+    ]
+    for env, sleeps in cases:
+        specs = compose_gpu_specs(**env)
+        got = policy_and_runs(specs["coordinator"].env, specs["policy"])
+        assert got == (sleeps, sleeps, sleeps), (env, got)
+    argv, dev_mode = exec_run(loc.localise(k8s_gpu_specs(tmp_path)["policy"], None), stub_dir)
+    assert "--enable-sleep-mode" not in argv and dev_mode is None
+    cpu = {s.service: s for s in compose_specs("compose-cpu", [COMPOSE, COMPOSE_CPU], filled_env())}
+    cpu_run = build_config({}, environ=cpu["coordinator"].env)
+    assert cpu_run.policy.device == "cpu" and not run_sleeps(cpu_run, own_server=False)
+
+
 # ---------------------------------------------------------------- every other container, started
 
 

@@ -499,9 +499,16 @@ TEMPLATES = REPO / "configs" / "templates"
 CONFIGS_MOUNT = "/etc/selfreward/configs"
 # the GPU policy's `sh -c` script (compose and Kubernetes): the LoRA resolver's folder only once it
 # exists, then vLLM exec'd with --chat-template only for a non-empty setting
-GPU_POLICY_SHELL = (
-    '[ -d "$VLLM_LORA_RESOLVER_CACHE_DIR" ] || unset VLLM_LORA_RESOLVER_CACHE_DIR; '
-    'exec vllm serve "$@" ${POLICY_CHAT_TEMPLATE:+--chat-template "$POLICY_CHAT_TEMPLATE"}'
+_RESOLVER_SHELL = '[ -d "$VLLM_LORA_RESOLVER_CACHE_DIR" ] || unset VLLM_LORA_RESOLVER_CACHE_DIR; '
+_EXEC_SHELL = 'exec vllm serve "$@" ${POLICY_CHAT_TEMPLATE:+--chat-template "$POLICY_CHAT_TEMPLATE"}'
+GPU_POLICY_SHELL = _RESOLVER_SHELL + _EXEC_SHELL  # Kubernetes: the policy has a GPU of its own
+# compose: sleep mode too where the policy sleeps while the trainer trains on its GPU
+# (POLICY_SLEEP_DURING_TRAINING on, or auto with TRAINER_SHARES_POLICY_GPU true)
+COMPOSE_POLICY_SHELL = (
+    _RESOLVER_SHELL
+    + 'case "${POLICY_SLEEP_DURING_TRAINING-}:${TRAINER_SHARES_POLICY_GPU-}" in '
+    + 'on:*|auto:true) export VLLM_SERVER_DEV_MODE=1; set -- "$@" --enable-sleep-mode;; esac; '
+    + _EXEC_SHELL
 )
 LORA_RESOLVER_DIR = "/artifacts/cache/served-adapters"
 PHI2_TEMPLATE_PATH = f"{CONFIGS_MOUNT}/templates/phi2-chat.jinja"  # as the containers see it
@@ -527,7 +534,7 @@ def test_compose_policy_and_runs_share_the_chat_template() -> None:
     assert env_example()["POLICY_CHAT_TEMPLATE"] == PHI2_TEMPLATE_PATH
     services = compose_config([COMPOSE], filled_env())["services"]
     entrypoint = services["policy"]["entrypoint"]
-    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[2] == GPU_POLICY_SHELL, entrypoint
+    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[2] == COMPOSE_POLICY_SHELL, entrypoint
     # configs/ read-only at the same path wherever a template or config is read; the file is there
     for name in ("policy", "judge", "trainer", "worker", "coordinator"):
         assert f"./configs:{CONFIGS_MOUNT}:ro" in services[name]["volumes"], name

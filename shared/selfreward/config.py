@@ -341,6 +341,35 @@ class PolicyServerConfig(StrictModel):
         description="max |logprob difference| between an adapter's fingerprint and the served adapter; "
         "default: 0.002 on cpu (fp32 both sides), 0.6 on cuda (bf16 serving, docs/policy.md)",
     )
+    sleep_during_training: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="put vLLM to sleep (level 1: weights to CPU memory, KV cache freed) while a training "
+        "stage runs, so that training gets the GPU, and wake it after; the server then starts with "
+        "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1. auto: on when the policy runs on cuda and shares "
+        "its GPU with the trainer (shares_gpu_with_trainer), off on CPU (vLLM has no sleep mode there); "
+        "untested on a GPU until bench/gpu_check.sh runs (docs/deployment.md)",
+    )
+    shares_gpu_with_trainer: bool | None = Field(
+        None,
+        description="the trainer trains on the policy's GPU (what sleep_during_training: auto reads); "
+        "default: true where the embedded mode starts the policy itself (one machine) and training.device "
+        "is not cpu, false for a policy service elsewhere (docker-compose.yml sets it: TRAINER_SHARES_POLICY_GPU)",
+    )
+
+    @field_validator("sleep_during_training", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads unquoted on/off as booleans, in files and SELFREWARD_* values
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _sleep_needs_a_gpu(self) -> PolicyServerConfig:
+        if self.sleep_during_training == "on" and self.device == "cpu":
+            raise ValueError(
+                "policy.sleep_during_training: on needs policy.device: cuda (vLLM has no sleep mode on CPU); "
+                "use auto or off"
+            )
+        return self
 
 
 class ServicesConfig(StrictModel):

@@ -5,7 +5,9 @@ with the same stages the RQ driver runs as jobs: for each t it runs `plan.pendin
 in order, each with `stage.run_stage` (one event loop per stage). It starts the policy server
 (selfreward.policy.launcher.PolicyServer) on the prepared base model when the first stage that
 needs it (`Stage.needs_policy`) runs, with every adapter already published by this run, and
-stops it at the end. Finished stages are skipped (their manifests exist), so running the same
+stops it at the end. With `policy.sleep_during_training` resolving on (a policy on cuda,
+training on the same GPU: selfreward.policy.sleep), the policy sleeps while each training stage
+runs and is woken after it, also when the training fails. Finished stages are skipped (their manifests exist), so running the same
 command again after a crash or Ctrl-C resumes at the first unfinished stage. There is no Redis
 in this mode: the judges a stage builds cache their verdicts in-process, and the stage files
 are the resume state.
@@ -30,7 +32,7 @@ from selfreward.errors import ConfigError, StageError, named_record
 from selfreward.evaluation.judge_health import collapse_stop
 from selfreward.progress import NULL_PROGRESS, Progress, file_sink
 from selfreward.stages import plan
-from selfreward.stages.stage import StageContext, model_name, run_stage
+from selfreward.stages.stage import Stage, StageContext, model_name, run_stage
 from selfreward.storage import RunLayout, atomic_write_json, atomic_write_text, read_manifest
 
 # fields that may differ between two invocations of the same run (where, not what)
@@ -118,6 +120,19 @@ def published_adapters(layout: RunLayout) -> list[Any]:
     return out
 
 
+def policy_asleep_for(
+    config: RunConfig, stage: Stage, live_url: str | None, *, own_server: bool
+) -> contextlib.AbstractContextManager[Any]:
+    """The policy asleep while a training stage runs (policy.sleep_during_training), where a
+    policy is up (`live_url`: the server this run started, or the one it was given; None before
+    the first stage that needs one); a no-op for every other stage."""
+    from selfreward.policy.sleep import asleep_while
+
+    if stage.queue != "train" or live_url is None:
+        return contextlib.nullcontext()
+    return asleep_while(config, live_url, own_server=own_server)
+
+
 def run_embedded(
     config: RunConfig,
     progress: Progress = NULL_PROGRESS,
@@ -182,7 +197,9 @@ def run_embedded(
                     url = server_url() if stage.needs_policy(config) else policy_url
                     ctx = StageContext(config, layout, t, progress, policy_url=url, redis_url=None)
                     t0 = time.time()
-                    manifest = run_stage_with_files(ctx, stage)
+                    live = server.url if server is not None else policy_url
+                    with policy_asleep_for(config, stage, live, own_server=policy_url is None):
+                        manifest = run_stage_with_files(ctx, stage)
                     outcome = StageOutcome(t, stage.name, "ran", time.time() - t0, manifest)
                 result.outcomes.append(outcome)
                 if on_stage is not None:

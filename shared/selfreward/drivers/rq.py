@@ -6,7 +6,9 @@ retries and backoff and the stage's timeout (`Stage.timeout_s`). Each job runs `
 which runs the same stage as the embedded driver (`stage.run_stage`) against the services
 named in the run config, with the worker's Redis as the verdict cache of the judges the stage
 builds. Stages resume from their last written record, so a retried job after a worker crash
-continues where the dead one stopped.
+continues where the dead one stopped. Where the policy sleeps during training
+(selfreward.policy.sleep), a training job puts every replica to sleep and wakes them after, and
+a stage that needs the policy first wakes any replica left asleep.
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from rq.job import Job, JobStatus
 from selfreward.drivers.stage_log import capture
 from selfreward.drivers.state import LIVE, IterationState, RunStore
 from selfreward.errors import ConfigError, EmptyResultError, InputError, StageError
+from selfreward.llm.openai import SleepModeUnavailable
 from selfreward.progress import Progress, rq_meta_sink
 from selfreward.stages import plan
 from selfreward.stages.stage import Stage, StageContext
 from selfreward.storage import RunLayout, sha256_text
 
 # errors a retry cannot fix: the stage fails at once (fix the cause, then resume the iteration)
-NOT_RETRIED = (ConfigError, InputError, EmptyResultError)
+# (and a policy that cannot sleep where the run says it sleeps during training)
+NOT_RETRIED = (ConfigError, InputError, EmptyResultError, SleepModeUnavailable)
 log = logging.getLogger(__name__)
 
 
@@ -238,10 +242,12 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
         log.info("%s iteration %d: %s (iter-%d), attempt %d", run_id, t, stage, stage_t, attempt)
         the_stage = plan.stage_named(base, stage_t, config.variant)
         if shard is not None:
-            result = run_shard(ctx, the_stage)
+            with policy_for(ctx, the_stage):
+                result = run_shard(ctx, the_stage)
             store.end_attempt(run_id, stage_t, stage, job_id=job.id, outcome="done")
             return {"stage": stage, "iteration": stage_t, "shard": list(shard), "result": result}
-        manifest = run_stage(ctx, the_stage)
+        with policy_for(ctx, the_stage):
+            manifest = run_stage(ctx, the_stage)
         log.info("%s done in %.1f s: %s", stage, manifest["seconds"], the_stage.result_of(manifest).summary())
     store.end_attempt(run_id, stage_t, stage, job_id=job.id, outcome="done")
     last = chain_of(ctx.layout, t, config.variant) == []
@@ -249,6 +255,40 @@ def run_stage_job(run_id: str, t: int, stage_t: int, stage: str) -> dict[str, An
         store.update_iteration(run_id, t, status="done", finished_at=time.time())
         write_report(layout)
     return {"stage": stage, "iteration": stage_t, "manifest": manifest}
+
+
+def policy_for(ctx: StageContext, stage: Stage) -> contextlib.AbstractContextManager[Any]:
+    """The policy as the stage needs it, where it sleeps during training
+    (policy.sleep_during_training; the services are elsewhere: `shares_gpu_with_trainer` says
+    whether the trainer shares the policy's GPU): asleep while a training stage that has work
+    left runs (woken after, also on failure), and awake before the stage that follows a training
+    stage in the plan and talks to the policy (a training job killed before its `finally` leaves
+    it asleep). Only that stage wakes it: another run's stages must not wake the policy while
+    this run trains (several runs at once on one GPU: docs/deployment.md, Sleep mode)."""
+    import asyncio
+
+    from selfreward.policy.sleep import asleep_while, policy_urls, run_sleeps, wake_sleeping
+
+    config = ctx.config
+    if not run_sleeps(config, own_server=False) or plan.is_done(ctx.layout, ctx.t, stage):
+        return contextlib.nullcontext()
+    if stage.queue == "train":
+        return asleep_while(config, ctx.url, own_server=False)
+    if stage.needs_policy(config) and follows_training(stage, ctx.t, config.variant):
+
+        async def wake() -> None:
+            await wake_sleeping(await policy_urls(config.services, ctx.url), config.services)
+
+        asyncio.run(wake())
+    return contextlib.nullcontext()
+
+
+def follows_training(stage: Stage, t: int, method: str | None = None) -> bool:
+    """`stage` comes right after a training stage (the `train` queue) in iteration t's plan."""
+    stages = plan.stages_of(t, method)
+    names = [s.name for s in stages]
+    i = names.index(stage.name) if stage.name in names else -1
+    return i > 0 and stages[i - 1].queue == "train"
 
 
 def run_shard(ctx: StageContext, stage: Stage) -> dict[str, Any]:

@@ -16,7 +16,9 @@ vLLM specifics used here: `structured_outputs` (e.g. {"regex": ...}) for constra
 decoding (the old `guided_regex` field is silently ignored by vLLM >= 0.11), token-id prompts,
 `prompt_logprobs` and `return_tokens_as_token_ids` (model fingerprints), runtime LoRA
 management under /v1/load_lora_adapter and /v1/unload_lora_adapter (a failed load answers
-500 and is not retried: it fails the same way again), `/tokenize` and `/health`.
+500 and is not retried: it fails the same way again), `/tokenize` and `/health`, and sleep mode
+(`/sleep?level=1`, `/wake_up`, `/is_sleeping`: a server started with `--enable-sleep-mode` and
+VLLM_SERVER_DEV_MODE=1; a 404 there raises `SleepModeUnavailable` naming the server).
 
 The connection pool belongs to the event loop that first uses it: create the client in (or
 for) one event loop, e.g. `async with OpenAICompatClient(url) as client:` inside the coroutine.
@@ -40,6 +42,10 @@ from selfreward.llm.limits import AnyLimits, Limits
 from selfreward.llm.retry import ADMIN_RETRY_STATUS, RETRY_STATUS, HTTPStatusError, is_transient, with_retries
 
 MODELS_TTL_S = 5.0
+
+
+class SleepModeUnavailable(ServiceError):
+    """A vLLM server without sleep mode was asked to sleep or wake (404 on /sleep)."""
 
 
 @dataclass
@@ -390,6 +396,37 @@ class OpenAICompatClient:
             )
         finally:
             self._shared.models = None
+
+    # -------------------------------------------------------------- sleep mode (vLLM)
+
+    async def _sleep_endpoint(self, method: str, path: str) -> dict[str, Any]:
+        try:
+            data = await self._request(method, path, retry_statuses=ADMIN_RETRY_STATUS)
+        except HTTPStatusError as exc:
+            if exc.status == 404:
+                raise SleepModeUnavailable(
+                    f"policy replica {self.base_url}: {path.partition('?')[0]} answered 404: the server was not "
+                    "started with sleep mode (vLLM's --enable-sleep-mode, with VLLM_SERVER_DEV_MODE=1 "
+                    "for the endpoints); start it so (selfreward's launcher does when "
+                    "policy.sleep_during_training resolves on; docker-compose.yml: POLICY_SLEEP_DURING_TRAINING, "
+                    "TRAINER_SHARES_POLICY_GPU), or set policy.sleep_during_training: off"
+                ) from exc
+            raise
+        return dict(data) if isinstance(data, dict) else {}
+
+    async def sleep(self, level: int = 1) -> dict[str, Any]:
+        """vLLM's POST /sleep?level=N (level 1: weights offloaded to CPU memory, KV cache
+        discarded; requests in flight are aborted, new ones wait until /wake_up). Answers
+        {"status": "sleeping", "level": N}; SleepModeUnavailable (404) without sleep mode."""
+        return await self._sleep_endpoint("POST", f"/sleep?level={int(level)}")
+
+    async def wake_up(self) -> dict[str, Any]:
+        """vLLM's POST /wake_up (every tag): {"status": "awake", "tags": null}."""
+        return await self._sleep_endpoint("POST", "/wake_up")
+
+    async def is_sleeping(self) -> bool:
+        """vLLM's GET /is_sleeping: {"is_sleeping": bool}."""
+        return bool((await self._sleep_endpoint("GET", "/is_sleeping")).get("is_sleeping"))
 
     async def health(self, timeout_s: float = 5.0) -> bool:
         with contextlib.suppress(httpx.HTTPError, OSError):

@@ -6,6 +6,8 @@
   every start), KV cache size from `policy.cpu_kvcache_gib` (env VLLM_CPU_KVCACHE_SPACE);
 - cuda: `--dtype auto`, `--gpu-memory-utilization`, `--tensor-parallel-size`, CUDA graphs
   unless `policy.enforce_eager` is true;
+- cuda with `policy.sleep_during_training` resolving on (selfreward.policy.sleep):
+  `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1 (the /sleep and /wake_up endpoints);
 - both: LoRA enabled (`--max-lora-rank`, `--max-loras`), runtime adapter loading
   (VLLM_ALLOW_RUNTIME_LORA_UPDATING), `--max-logprobs`, sampling defaults from vLLM rather
   than from the model's generation_config.json (requests carry their own parameters).
@@ -41,6 +43,7 @@ from selfreward.processes import term_with_parent
 
 from . import vllm_main
 from .prepare import check_causal_lm
+from .sleep import server_flags
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 LOG_TAIL_LINES = 40
@@ -135,6 +138,7 @@ def vllm_command(
         cmd.append("--disable-uvicorn-access-log")
     if adapters:
         cmd += ["--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
+    cmd += server_flags(policy)[0]  # --enable-sleep-mode when the policy sleeps during training
     cmd += list(policy.extra_args)
     return cmd
 
@@ -148,6 +152,7 @@ def vllm_env(policy: PolicyServerConfig, base: Mapping[str, str] | None = None) 
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage reports to vLLM's servers
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(server_flags(policy)[1])  # VLLM_SERVER_DEV_MODE=1: the sleep endpoints
     resolver_dir = env.get(LORA_RESOLVER_DIR_ENV)
     if resolver_dir:
         try:

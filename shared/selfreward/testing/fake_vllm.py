@@ -9,6 +9,13 @@ vLLM servers. Its answers come from the adapters' own fingerprints (manifest.jso
 - an adapter answers each fingerprinted prefix with its recorded top logprobs, plus `wrong_by`
   (a replica serving other weights than trained);
 - the base model answers the same prefixes `BASE_SHIFT` lower (a parent the check tells apart);
+- with `sleep_mode` (a server started with `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1) it
+  answers `POST /sleep?level=N` ({"status": "sleeping", "level": N}), `POST /wake_up`
+  ({"status": "awake", "tags": null}) and `GET /is_sleeping` ({"is_sleeping": bool}) as vLLM
+  0.32's `vllm/entrypoints/serve/dev/sleep/api_router.py` does, and without it 404 on all three
+  (FastAPI's {"detail": "Not Found"}, a route that does not exist); while asleep a completion
+  request is accepted and waits until /wake_up, as vLLM's paused scheduler queues new requests
+  (`calls` records every sleep-mode call in order, `queued_while_asleep` the requests that waited);
 - with `resolver_dir`, an unknown model name is loaded on first request from `<resolver_dir>/<name>/`
   when its adapter_config.json is a LoRA on `base_root`: the rule of vLLM 0.32's filesystem LoRA
   resolver (`vllm/plugins/lora_resolvers/filesystem_resolver.py`).
@@ -19,15 +26,16 @@ pool of replicas can share one port as the pods behind a headless Service do.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from selfreward.testing.servers import free_port, wait_port
@@ -47,6 +55,10 @@ class FakeVLLM:
     loads: list[str] = field(default_factory=list)  # names loaded through /v1/load_lora_adapter
     resolved: list[str] = field(default_factory=list)  # names loaded by the resolver
     tables: dict[str, dict[tuple[int, ...], list[list[float]]]] = field(default_factory=dict)
+    sleep_mode: bool = False
+    sleeping: int = 0  # the level it sleeps at; 0: awake
+    calls: list[str] = field(default_factory=list)  # "sleep?level=1", "wake_up", "is_sleeping"
+    queued_while_asleep: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -137,9 +149,37 @@ def _build_app(fake: FakeVLLM) -> FastAPI:
             fake.tables.pop(name, None)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
+    if fake.sleep_mode:
+
+        @app.post("/sleep")
+        async def sleep(level: Annotated[int, Query(ge=0, le=2)] = 1) -> dict[str, Any]:
+            with fake._lock:
+                fake.calls.append(f"sleep?level={level}")
+                fake.sleeping = max(fake.sleeping, level) or -1  # level 0 pauses scheduling only
+            return {"status": "sleeping", "level": level}
+
+        @app.post("/wake_up")
+        async def wake_up(request: Request) -> dict[str, Any]:
+            tags = request.query_params.getlist("tags") or None
+            with fake._lock:
+                fake.calls.append("wake_up")
+                fake.sleeping = 0
+            return {"status": "awake", "tags": tags}
+
+        @app.get("/is_sleeping")
+        async def is_sleeping() -> dict[str, Any]:
+            with fake._lock:
+                fake.calls.append("is_sleeping")
+                return {"is_sleeping": fake.sleeping != 0}
+
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
         body = await request.json()
+        if fake.sleeping:  # vLLM accepts it and schedules it once awake
+            with fake._lock:
+                fake.queued_while_asleep += 1
+            while fake.sleeping:
+                await asyncio.sleep(0.02)
         model = str(body["model"])
         with fake._lock:
             if model != fake.base_name and model not in fake.adapters and not fake._resolve(model):
@@ -174,12 +214,18 @@ def fake_vllm(
     base_root: str = "/models/base",
     resolver_dir: Path | None = None,
     wrong_by: float = 0.0,
+    sleep_mode: bool = False,
 ) -> Iterator[FakeVLLM]:
     """Run one fake replica on `host:port` (default a free port) in a thread; yield it."""
     import uvicorn
 
     fake = FakeVLLM(
-        base_name=base_name, base_root=base_root, resolver_dir=resolver_dir, wrong_by=wrong_by, host=host
+        base_name=base_name,
+        base_root=base_root,
+        resolver_dir=resolver_dir,
+        wrong_by=wrong_by,
+        host=host,
+        sleep_mode=sleep_mode,
     )
     fake.port = port or free_port()
     server = uvicorn.Server(
