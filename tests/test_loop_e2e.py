@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,11 @@ def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: P
     # the quickstart ends with the command that opens its dashboard
     assert f"dashboard: selfreward ui {tmp_path / 'a'} --port 8765" in output
     out = check_run(tmp_path / "a", "self", "self-reward")
+    # the process tree's peak memory: per stage in its manifest, for the run in the summary
+    peaks = [read_manifest(m)["peak_rss_bytes"] for m in sorted(out["run"].glob("iter-*/*.manifest.json"))]
+    assert len(peaks) == 10 and min(peaks) > 100e6, peaks  # this process alone holds torch
+    total = re.search(r"peak memory (\d+\.\d+) GB", output)
+    assert total is not None and float(total.group(1)) >= max(peaks) / 1e9 - 0.01, output
     assert (out["run"] / "models" / "m2" / "log_history.jsonl").is_file()
     assert not (out["run"] / "iter-1" / "candidates.error.json").exists()
     progress = json.loads((out["run"] / "iter-1" / "candidates.progress.json").read_text())
