@@ -95,9 +95,8 @@
       if (after) after(r);
     } catch (e) { flash(label + " failed: " + e.message, true); }
   }
-  function flash(msg, bad) {
-    let f = document.getElementById("flash");
-    if (!f) { f = h("div", { id: "flash" }); main.prepend(f); }
+  function flash(msg, bad) {  // outside #main: it stays while the view re-renders
+    const f = document.getElementById("flash");
     f.className = bad ? "error" : "summary";
     f.textContent = msg;
   }
