@@ -230,3 +230,10 @@ def test_resume_a_failed_iteration_from_the_coordinator_page(
         assert "1:candidates" in state.jobs and Queue("generate", connection=redis_conn).count == 1
         page.wait_for_selector("#stages tr.stage[data-stage=candidates][data-state=queued]", timeout=10_000)
         assert json.loads(redis_conn.hget("selfreward:run:broken:iter:1", "jobs"))  # the chain is stored
+        # cancel from the page: the queued chain stops, the iteration can be resumed again
+        page.wait_for_selector("#cancel:not([disabled])")
+        page.click("#cancel")
+        page.wait_for_selector("#flash:has-text('cancel: ')", timeout=10_000)
+        assert store.iteration("broken", 1).status == "cancelled"
+        assert Queue("generate", connection=redis_conn).count == 0
+        page.wait_for_selector("#resume:not([disabled])", timeout=10_000)
