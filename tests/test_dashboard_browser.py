@@ -221,6 +221,8 @@ def test_resume_a_failed_iteration_from_the_coordinator_page(
         page.wait_for_selector("#stages tr.stage[data-stage=candidates]")
         assert "prompts.jsonl:3" in page.inner_text("#iteration-error")
         assert page.get_attribute("#stages tr.stage[data-stage=prompts]", "data-state") == "done"
+        assert page.get_attribute("#stages tr.stage[data-stage=candidates]", "data-state") == "failed"
+        assert "record prompts.jsonl:3" in page.inner_text("#stages tr.stage-error")
         assert page.locator("#resume").is_enabled()
         page.screenshot(path=str(screenshot_dir(tmp_path) / "dashboard-failed.png"), full_page=True)
         page.click("#resume")
