@@ -138,7 +138,7 @@ def test_a_finished_run_runs_list_metrics_curves_and_data(
     first_item.locator("details summary").click()
     assert first_item.locator(".cands tr[data-candidate]").count() == 3
     assert "Score: 4" in first_item.locator(".cands").inner_text()
-    assert page.locator(".eval-example").count() == 8
+    assert page.locator(".eval-example").count() == 8 and page.locator("#eval-next").count() == 0
     assert "m2 says answer 0" in page.locator(".eval-example").first.inner_text()
     page.screenshot(path=str(screenshot_dir(tmp_path) / "dashboard-data.png"), full_page=True)
     # filters and search go through the URL (linkable)
@@ -153,6 +153,16 @@ def test_a_finished_run_runs_list_metrics_curves_and_data(
     page.goto(f"{ui}/ui/runs/demo/iterations/1/data?view=prompts&filter=dropped")
     page.wait_for_selector("#items .item")
     assert page.locator("#items .item").count() == 1 and "No pair" in page.inner_text("#items .item")
+    page.goto(f"{ui}/ui/runs/demo/iterations/1/data?eval_limit=3")  # evaluation examples page too
+    page.wait_for_selector("#eval-next")
+    assert [page.locator(".eval-example").nth(i).get_attribute("data-prompt") for i in range(3)] == [
+        "e0",
+        "e1",
+        "e2",
+    ]
+    page.click("#eval-next")
+    page.wait_for_selector(".eval-example[data-prompt=e3]")
+    assert page.locator(".eval-example").count() == 3
     page.goto(f"{ui}/ui/runs/demo/iterations/1/data?limit=2")
     page.wait_for_selector("#next")
     page.click("#next")
