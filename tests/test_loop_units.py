@@ -6,7 +6,7 @@ from selfreward.config import PromptsConfig
 from selfreward.dedup import NearDuplicateIndex, rouge_l, tokens
 from selfreward.schemas import CandidateRecord, JudgmentRecord, Verdict
 from selfreward.stages.pairs import demonstration_pairs, reward_pairs, score_histogram
-from selfreward.stages.prompts import derived_seed, extract_task, judge_task
+from selfreward.stages.prompts import batch_size, derived_seed, extract_task, judge_task
 
 
 def test_rouge_l_hand_computed() -> None:
@@ -24,6 +24,20 @@ def test_near_duplicate_index() -> None:
     assert idx.check("Write a short poem about the sea at night.")[0] == "near_duplicate"
     reason, best = idx.check("Explain how vaccines train the immune system.")
     assert reason is None and best < 0.7
+
+
+def test_self_instruct_batches_are_sized_by_the_acceptance_so_far() -> None:
+    from collections import Counter
+
+    assert batch_size(16, Counter(), 16) == 16  # nothing judged yet: one attempt per prompt needed
+    assert batch_size(40, Counter(), 16) == 16  # at most the concurrency
+    # 8 of 16 kept: 3 more prompts take about 6 attempts (the quickstart's last batch of 16 had 13 too many)
+    assert batch_size(3, Counter(accepted=8, exact_duplicate=8), 16) == 6
+    assert (
+        batch_size(2, Counter(accepted=8, exact_duplicate=6, not_needed=5), 16) == 4
+    )  # not_needed is no verdict
+    assert batch_size(1, Counter(exact_duplicate=20), 16) == 10  # nothing kept: a floor of 10%
+    assert batch_size(1, Counter(accepted=3), 16) == 1
 
 
 def test_extract_task() -> None:

@@ -105,6 +105,12 @@ class PromptsConfig(StrictModel):
     num_prompts: int = Field(32, ge=1)
     few_shot: int = Field(8, ge=1)
     few_shot_generated: int = Field(2, ge=0, description="of few_shot, taken from earlier prompts")
+    request: Literal["completion", "chat"] = Field(
+        "completion",
+        description="completion: the model continues the list of tasks as raw text (the original "
+        "self-instruct; SmolLM2-135M M1 kept 33 of 48 attempts, copied a shown example once); chat: "
+        "the list sent as a user message (kept 16 of 48: 21 answers copied a shown example)",
+    )
     temperature: float = Field(0.6, ge=0.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=8)

@@ -3,7 +3,9 @@
 Self-instruct (Yuan et al. 2024, following Wang et al. 2023): each attempt shows the model
 `few_shot` example tasks, `few_shot_generated` of them from prompts generated in earlier
 iterations once they exist and the rest from the seed IFT prompts, and asks for one new task
-(T=0.6, top_p=0.9 by default). The answer is extracted, length-filtered and deduplicated
+(T=0.6, top_p=0.9 by default), as a raw-text continuation of the numbered list by default
+(`prompts.request`). Attempts are generated in batches sized by the acceptance so far
+(`batch_size`), so that few are generated after the last prompt needed. The answer is extracted, length-filtered and deduplicated
 (exact and ROUGE-L near-duplicates against the seed prompts, earlier iterations and this one).
 
 Resumability: every attempt, accepted or not, is appended to `prompts.attempts.jsonl` in
@@ -16,6 +18,7 @@ policy.seeded_requests allows (GPU by default).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 from collections import Counter
@@ -47,6 +50,15 @@ def derived_seed(*parts: object) -> int:
 
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def batch_size(needed: int, reasons: Counter[str], concurrency: int) -> int:
+    """Attempts to generate next: about what the acceptance so far says `needed` more prompts
+    take (all of them while nothing is judged yet), at most `concurrency`. Attempts beyond the
+    last needed prompt are generated for nothing (the quickstart's last batch of 16 had 13)."""
+    judged = sum(v for k, v in reasons.items() if k != "not_needed")
+    rate = reasons["accepted"] / judged if judged else 1.0
+    return max(1, min(concurrency, math.ceil(needed / max(rate, 0.1))))
 
 
 def extract_task(raw: str) -> str:
@@ -156,15 +168,17 @@ async def self_instruct(
             shots = _few_shot(rng, seed_examples, earlier_generated, cfg)
             examples = "".join(f"Task {i}: {ex.text}\n" for i, ex in enumerate(shots, start=1))
             text = template.render(examples=examples, next_index=str(len(shots) + 1))
-            gen = await client.chat(
-                model,
-                [{"role": "user", "content": text}],
+            sampling: dict[str, Any] = dict(
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 max_tokens=cfg.max_tokens,
                 stop=STOP,
                 seed=derived_seed(run_seed, t, a, "sample") if seeded else None,
             )
+            if cfg.request == "completion":  # the list continued as text: no chat template
+                gen = await client.complete(model, text, **sampling)
+            else:
+                gen = await client.chat(model, [{"role": "user", "content": text}], **sampling)
             choice = gen.choices[0]
             return {
                 "attempt": a,
@@ -176,7 +190,8 @@ async def self_instruct(
 
         next_attempt = len(attempts)
         while len(prompts) < cfg.num_prompts and next_attempt < max_attempts:
-            batch = range(next_attempt, min(max_attempts, next_attempt + concurrency))
+            size = batch_size(cfg.num_prompts - len(prompts), reasons, concurrency)
+            batch = range(next_attempt, min(max_attempts, next_attempt + size))
             results = await asyncio.gather(*(attempt(a) for a in batch))
             for rec in results:  # in attempt order: deterministic acceptance
                 next_attempt = rec["attempt"] + 1
