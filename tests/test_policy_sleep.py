@@ -29,7 +29,7 @@ from selfreward.drivers.embedded import policy_asleep_for
 from selfreward.drivers.rq import NOT_RETRIED, policy_for
 from selfreward.errors import ConfigError
 from selfreward.llm.openai import OpenAICompatClient, SleepModeUnavailable
-from selfreward.policy.launcher import vllm_command, vllm_env
+from selfreward.policy.launcher import PolicyServer, vllm_command, vllm_env
 from selfreward.policy.pool import publish_to_policy
 from selfreward.policy.sleep import sleep_during_training, wake_sleeping
 from selfreward.stages.stage import Stage, StageContext, StageResult, never, run_stage
@@ -117,22 +117,33 @@ print("RESULT " + json.dumps({"sleep": out, "dev_mode_env": "VLLM_SERVER_DEV_MOD
 """
 
 
-def test_the_launcher_passes_the_flag_and_env_only_when_on() -> None:
-    def launch(policy: PolicyServerConfig) -> tuple[list[str], dict[str, str]]:
-        cmd = vllm_command("m", served_name="m0", policy=policy, max_model_len=512, port=8000)
-        return cmd, vllm_env(policy, {"PATH": "/bin"})
+def test_the_launcher_passes_the_flag_and_env_only_when_on(tmp_path: Path) -> None:
+    def launch(policy: PolicyServerConfig, sleep_mode: bool) -> tuple[list[str], dict[str, str]]:
+        cmd = vllm_command(
+            "m", served_name="m0", policy=policy, max_model_len=512, port=8000, sleep_mode=sleep_mode
+        )
+        return cmd, vllm_env(policy, {"PATH": "/bin"}, sleep_mode)
 
-    on_cmd, on_env = launch(PolicyServerConfig(device="cuda"))
+    on_cmd, on_env = launch(PolicyServerConfig(device="cuda"), True)
     assert "--enable-sleep-mode" in on_cmd and on_env["VLLM_SERVER_DEV_MODE"] == "1"
-    for policy in (
-        PolicyServerConfig(device="cpu"),
-        PolicyServerConfig(device="cuda", sleep_during_training="off"),
-        PolicyServerConfig(device="cuda", shares_gpu_with_trainer=False),
+    off_cmd, off_env = launch(PolicyServerConfig(device="cuda"), False)
+    assert "--enable-sleep-mode" not in off_cmd and "VLLM_SERVER_DEV_MODE" not in off_env
+    assert [a for a in on_cmd if a != "--enable-sleep-mode"] == off_cmd
+    # who asks for it: the embedded driver's own server where the run sleeps it (run_sleeps with
+    # own_server), `selfreward policy serve` (from_config) only where the deployment says the trainer
+    # shares its GPU, or with on
+    model = tmp_path / "model"
+    for policy, service in (
+        ({}, False),
+        ({"shares_gpu_with_trainer": True}, True),
+        ({"sleep_during_training": "on"}, True),
+        ({"shares_gpu_with_trainer": True, "sleep_during_training": "off"}, False),
     ):
-        cmd, env = launch(policy)
-        assert "--enable-sleep-mode" not in cmd and "VLLM_SERVER_DEV_MODE" not in env, policy
+        config = cuda_run(tmp_path, "http://127.0.0.1:1", **policy)
+        assert PolicyServer.from_config(config, model).sleep_mode is service, policy
+    cpu = build_config({"policy": {"shares_gpu_with_trainer": True}}, environ={})
+    assert PolicyServer.from_config(cpu, model).sleep_mode is False
     # vLLM's own parser reads the flag (and knows the variable that turns the endpoints on)
-    off_cmd, _ = launch(PolicyServerConfig(device="cuda", sleep_during_training="off"))
     proc = subprocess.run(
         [sys.executable, "-c", VLLM_PARSE, json.dumps([on_cmd[2:], off_cmd[2:]])],
         capture_output=True,

@@ -115,6 +115,7 @@ def run_embedded(
     """
     from selfreward.policy.launcher import PolicyServer
     from selfreward.policy.prepare import prepare_model
+    from selfreward.policy.sleep import run_sleeps
 
     layout = RunLayout(config.artifact_root, config.name)
     check_run_config(layout, config)
@@ -143,6 +144,7 @@ def run_embedded(
                     max_model_len=config.model.max_model_len,
                     adapters=published_adapters(layout),
                     log_dir=layout.logs_dir / "policy",
+                    sleep_mode=run_sleeps(config, own_server=True),  # this server, this machine's GPU
                 )
                 stack.enter_context(server)
                 task.close()

@@ -9,7 +9,9 @@ and verifies the new adapter's fingerprint as it always does.
 
 vLLM 0.32 (`vllm/entrypoints/serve/dev/sleep/api_router.py`, `vllm/v1/engine/core.py`):
 - the server must be started with `--enable-sleep-mode` (CUDA only: vLLM refuses it on CPU) and
-  `VLLM_SERVER_DEV_MODE=1` (the endpoints are development ones); `server_flags` says so;
+  `VLLM_SERVER_DEV_MODE=1` (the endpoints are development ones): `server_flags`, which the
+  launcher adds where the run sleeps the policy (the embedded mode's own server, or
+  `selfreward policy serve` with sleep on / shares_gpu_with_trainer set);
 - `POST /sleep?level=1` offloads the weights (LoRA slots included) to CPU memory and discards
   the KV cache; requests in flight are aborted (its default mode), new ones are accepted and
   wait until `POST /wake_up`; `GET /is_sleeping` answers `{"is_sleeping": bool}`; a server
@@ -65,11 +67,9 @@ def run_sleeps(config: RunConfig, *, own_server: bool) -> bool:
     return sleep_during_training(config.policy, training_device=config.training.device, own_server=own_server)
 
 
-def server_flags(policy: PolicyServerConfig) -> tuple[list[str], dict[str, str]]:
-    """The launcher's extra vLLM arguments and environment for sleep mode (none when off)."""
-    if not sleep_during_training(policy):
-        return [], {}
-    return [SLEEP_FLAG], {DEV_MODE_ENV: "1"}
+def server_flags(sleep_mode: bool) -> tuple[list[str], dict[str, str]]:
+    """The launcher's extra vLLM arguments and environment for sleep mode (none without)."""
+    return ([SLEEP_FLAG], {DEV_MODE_ENV: "1"}) if sleep_mode else ([], {})
 
 
 def release_gpu_memory() -> int:
