@@ -102,10 +102,16 @@ model_file() { # the GGUF, assembled from the halves carried now or stashed befo
   echo "$whole"
 }
 
-install_wheels() { # the carried (or stashed) wheels into /tmp/site, first on PYTHONPATH
-  local py="$1" wheels=()
+install_wheels() { # the wheels carried now and stashed before (each file once) into /tmp/site
+  local py="$1" wheels=() f
+  declare -A seen=()
   for dir in "$WHEELS" "$STASH/wheels"; do
-    if compgen -G "$dir/*.whl" >/dev/null; then wheels=("$dir"/*.whl); break; fi
+    compgen -G "$dir/*.whl" >/dev/null || continue
+    for f in "$dir"/*.whl; do
+      [ -n "${seen[$(basename "$f")]:-}" ] && continue
+      seen[$(basename "$f")]=1
+      wheels+=("$f")
+    done
   done
   if [ ${#wheels[@]} -eq 0 ]; then echo "no wheels carried or stashed: using what is installed"; return; fi
   "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
