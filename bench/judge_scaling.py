@@ -94,11 +94,14 @@ def worker(args: argparse.Namespace) -> None:
     # judging throughput; a late worker starts at once and its delay counts)
     time.sleep(max(0.0, args.start_at - time.time()))
     started = time.time()
+    cpu0 = time.process_time()
     if n == 1:  # one worker: the stage as one job (no shards to merge)
         result = run_stage(StageContext(cfg, layout, 1), judgments.STAGE)
     else:
         result = run_shard(StageContext(cfg, layout, 1, shard=(i, n)), judgments.STAGE)
-    print(json.dumps({"started": started, "ended": time.time(), "result": result}))
+    ended = time.time()
+    cpu = time.process_time() - cpu0
+    print(json.dumps({"started": started, "ended": ended, "cpu_s": cpu, "result": result}))
 
 
 def phase(
@@ -141,13 +144,14 @@ def phase(
     }
     exe = [sys.executable, "-m", "selfreward.cli.main"]
     with ExitStack() as stack:
-        urls = []
+        urls, judges = [], []
         for r in range(replicas):
             port = free_port()
             log = root / f"judge{r}.log"
             proc = stack.enter_context(
                 background([*exe, "serve", "judge", "--port", str(port), "--log-level", "warning"], log, env)
             )
+            judges.append(proc)
             urls.append(f"http://127.0.0.1:{port}")
             wait_http(f"{urls[-1]}/healthz", 60, proc, log)
         config_path = root / "config.json"
@@ -172,13 +176,20 @@ def phase(
                     [*cmd, "--judge-url", urls[i]], stdout=subprocess.PIPE, stderr=err, env=env, text=True
                 )
             )
+        judge_cpu0 = sum(proc_cpu_s(p.pid) for p in judges)
+        main_cpu0 = time.process_time()
         outs = [w.communicate(timeout=900)[0] for w in workers]
+        judge_cpu = sum(proc_cpu_s(p.pid) for p in judges) - judge_cpu0
+        main_cpu = time.process_time() - main_cpu0
         if any(w.returncode for w in workers):
             raise SystemExit(f"a worker failed: see {root}/worker*.log")
         spans = [json.loads(o.strip().splitlines()[-1]) for o in outs]
         cfg = build_config(json.loads(config_path.read_text()), environ={})
         manifest = run_stage(StageContext(cfg, RunLayout(root, "bench"), 1), judgments.STAGE)  # the merge
     wall = max(s["ended"] for s in spans) - min(s["started"] for s in spans)
+    seen = sorted(r.at for r in teacher.requests)
+    first_s = seen[0] - min(s["started"] for s in spans)  # until the teacher's first request
+    last_s = max(s["ended"] for s in spans) - seen[-1]  # from the teacher's last request
     judged = load_jsonl(RunLayout(root, "bench").stage_file(1, "judgments"))
     failed = records - sum(1 for j in judged if j.get("score") is not None)
     return {
@@ -188,13 +199,27 @@ def phase(
         "limit_rpm": limit,
         "seconds": round(wall, 1),
         "records_per_s": records / wall,
+        "first_request_s": round(first_s, 2),
+        "after_last_request_s": round(last_s, 2),
         "teacher_requests": teacher.calls,
         "teacher_max_in_flight": teacher.max_in_flight,
         "peak_in_window": teacher.peak_in_window,
         "over_quota_429": teacher.over_quota,
         "failed_records": failed,
         "merged": manifest.get("from_shards", {}).get("records", 0),
+        # CPU milliseconds per record while judging: judge replicas, workers, the teacher (this process)
+        "cpu_ms_per_record": {
+            "judges": round(1000 * judge_cpu / records, 1),
+            "workers": round(1000 * sum(s["cpu_s"] for s in spans) / records, 1),
+            "teacher": round(1000 * main_cpu / records, 1),
+        },
     }
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -257,10 +282,12 @@ def main() -> None:
 def print_row(r: dict[str, Any], label: str = "") -> None:
     print(
         f"{label or 'scaling':11s} replicas={r['replicas']} records={r['records']} in {r['seconds']} s: "
-        f"{r['records_per_s']:.1f} records/s | teacher: {r['teacher_requests']} served, "
+        f"{r['records_per_s']:.1f} records/s (first request after {r['first_request_s']} s, "
+        f"done {r['after_last_request_s']} s after the last) | teacher: {r['teacher_requests']} served, "
         f"{r['teacher_max_in_flight']} at once at most, peak {r['peak_in_window']} "
         f"in a 60 s window (quota {r['quota_rpm']}), 429s sent {r['over_quota_429']} | failed records "
-        f"{r['failed_records']} | merged {r['merged']}",
+        f"{r['failed_records']} | merged {r['merged']} | CPU ms/record "
+        + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_record"].items()),
         flush=True,
     )
 

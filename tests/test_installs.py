@@ -165,6 +165,12 @@ def test_the_coordinator_creates_a_run_from_its_install(
             assert r.status_code == 201, r.text
             assert client.get("/runs/lite").json()["artifacts"] == str(tmp_path / "runs" / "lite")
             assert client.get("/runs/lite/iterations/0").json()["stages"][0]["stage"] == "prepare"
+            # the dashboard's page and static files are package data of the (non-editable) install
+            assert 'src="/ui/static/app.js' in client.get("/ui/runs/lite").text
+            for name in ("app.js", "charts.js", "app.css"):
+                r = client.get(f"/ui/static/{name}")
+                assert r.status_code == 200 and len(r.text) > 1000, name
+            assert [r["run"] for r in client.get("/ui/api/runs").json()] == ["lite"]
     assert (tmp_path / "runs" / "lite" / "config.yaml").is_file()
 
 

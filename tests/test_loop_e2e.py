@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,37 @@ def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: P
     config = tiny_config(tmp_path / "a", "self", tiny_model_dir, policy_server.url)
     output = run_cli(config, policy_server.url)
     assert "summary" in output
+    # the quickstart ends with the command that opens its dashboard
+    assert f"dashboard: selfreward ui {tmp_path / 'a'} --port 8765" in output
     out = check_run(tmp_path / "a", "self", "self-reward")
+    # the process tree's peak memory: per stage in its manifest, for the run in the summary
+    peaks = [read_manifest(m)["peak_rss_bytes"] for m in sorted(out["run"].glob("iter-*/*.manifest.json"))]
+    assert len(peaks) == 10 and min(peaks) > 100e6, peaks  # this process alone holds torch
+    total = re.search(r"peak memory (\d+\.\d+) GB", output)
+    assert total is not None and float(total.group(1)) >= max(peaks) / 1e9 - 0.01, output
+    assert (out["run"] / "models" / "m2" / "log_history.jsonl").is_file()
+    assert not (out["run"] / "iter-1" / "candidates.error.json").exists()
+    progress = json.loads((out["run"] / "iter-1" / "candidates.progress.json").read_text())
+    assert progress["stage"] == "candidates" and progress["current"]["finished"] is True
+    # the dashboard over the real run: every stage done, the real curves and pairs
+    from fastapi.testclient import TestClient
+
+    from selfreward.dashboard.app import create_app
+
+    with TestClient(create_app(tmp_path / "a")) as ui:
+        run = ui.get("/ui/api/runs/self").json()
+        assert run["status"] == "done" and run["completed_iterations"] == 1
+        assert all(s["state"] == "done" for i in run["timeline"] for s in i["stages"])
+        metrics = ui.get("/ui/api/runs/self/metrics").json()
+        assert [c["model"] for c in metrics["curves"]] == ["m1", "m2"]
+        assert all(c["points"] and "loss" in c["points"][0] for c in metrics["curves"])
+        assert "rewards/margins" in metrics["curves"][1]["points"][-1]
+        assert metrics["trends"][0]["sentence"]["text"].startswith("M2 vs M1: win rate ")
+        data = ui.get("/ui/api/runs/self/iterations/1/data").json()
+        assert [i["pair"]["chosen"] for i in data["items"]] == [
+            p["chosen"][0]["content"] for p in out["pairs"]
+        ]
+        assert all(len(i["candidates"]) == 3 and i["candidates"][0]["verdicts"] for i in data["items"])
     for p in out["pairs"]:
         assert p["chosen_score"] > p["rejected_score"]
     judgments = load_jsonl(out["run"] / "iter-1" / "judgments.jsonl")

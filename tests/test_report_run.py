@@ -114,3 +114,64 @@ def test_run_report_of_a_fresh_run_and_a_missing_run(tmp_path: Path) -> None:
     assert "No evaluation yet." in (tmp_path / "r.html").read_text()
     result = CliRunner().invoke(app, ["report", "nope", "--root", str(tmp_path)])
     assert result.exit_code == 2 and "no such run" in result.output
+
+
+def test_the_report_opens_with_the_summary_then_curves_examples_and_the_raw_manifests(tmp_path: Path) -> None:
+    """A person reads first whether each model beat its parent (a verdict only where the interval
+    excludes 50%), then the curves and real examples; the manifests' fields are folded away."""
+    import html
+
+    from dashboard_run import finished_run, reward_model
+
+    from selfreward.reports.run_report import build_run_report
+    from selfreward.storage import load_jsonl
+
+    layout = finished_run(tmp_path / "artifacts", "demo")
+    page = build_run_report(layout).read_text()
+    headings = re.findall(r"<h2>([^<]+)</h2>", page)
+    assert headings[:4] == ["Summary", "Metrics by model", "Training curves", "Examples"]
+    summary = page[page.index("<h2>Summary</h2>") : page.index("<h2>Metrics by model</h2>")]
+    lines = re.findall(r'<p class="summary[^"]*">(.*?)</p>', summary)
+    assert len(lines) == 2
+    for t, line in zip((1, 2), lines, strict=True):
+        h2h = json.loads((layout.eval_dir / f"iter-{t}" / "report.json").read_text())["head2head"]
+        lo, hi = h2h["intervals"]["win_rate"]
+        shown = f"M{t + 1} vs M{t}: win rate {100 * h2h['win_rate']:.1f}% [{100 * lo:.1f}%, {100 * hi:.1f}%] on {h2h['n']} prompts"
+        assert line.startswith(shown), line
+        if lo <= 0.5 <= hi:
+            assert line.endswith("<strong>No evidence of a difference.</strong>")
+        else:
+            assert line.endswith(f"<strong>M{t + 1} is better than M{t}.</strong>") and lo > 0.5
+    before, after = (reward_model(t)["pairwise_accuracy"] for t in (1, 2))
+    assert (
+        f"judge agreement with humans {100 * after:.1f}% ({100 * (after - before):+.1f} points)" in lines[1]
+    )
+    assert "answers 121 vs 100 characters (+21%)" in lines[0]
+    # the training curves: one inline PNG from the models' log histories
+    curves = re.search(r'<img alt="training curves" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert curves and base64.b64decode(curves.group(1)).startswith(PNG)
+    # examples: the text of pairs.jsonl, and the evaluation's answers side by side
+    examples = page[page.index("<h2>Examples</h2>") : page.index("<h2>Iteration 0</h2>")]
+    pair = load_jsonl(layout.stage_file(1, "pairs"))[0]
+    assert html.escape(pair["chosen"][0]["content"], quote=True) in examples
+    assert html.escape(pair["rejected"][0]["content"], quote=True) in examples
+    assert "m2 says answer 0" in examples and "m1 says answer 0" in examples
+    # the manifests' fields only in the collapsed section at the end
+    raw = page.index('<details id="raw-manifests">')
+    assert page.index("<h4>model m2</h4>") > raw and page.index("adapter_sha256") > raw
+    assert page.rstrip().endswith("</details></body></html>")
+    assert 'src="http' not in page and 'href="http' not in page and "<script" not in page
+
+
+def test_a_report_of_one_iteration_draws_no_lone_dot(tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path / "artifacts", "one")
+    layout.run_dir.mkdir(parents=True)
+    layout.config_path.write_text("name: one\nvariant: self-reward\niterations: 1\nmodel: {base: tiny}\n")
+    make_eval(layout, 1, "m2", "m1", [1.0, 0.5, 0.0, 1.0])
+    result = CliRunner().invoke(app, ["report", "one", "--root", str(layout.root)])
+    assert result.exit_code == 0, result.output
+    page = (layout.run_dir / "report.html").read_text()
+    assert 'alt="trends"' not in page  # a trend of one model is one dot: the evaluation's own plots show
+    assert 'alt="win_tie_loss.png"' in page
+    assert "M2 vs M1: win rate 62.5% [" in page and "<strong>No evidence of a difference.</strong>" in page
+    assert "No training log yet" in page

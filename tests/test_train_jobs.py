@@ -214,6 +214,19 @@ def test_dpo_raises_the_chosen_rejected_margin(trained: dict[str, Any], tiny_mod
     m2 = dpo_margin(load(tiny_model_dir, trained["dpo"].model_dir), tokenizer, data.examples)
     assert m2 > m1 + 1.0, (m1, m2)
     assert trained["m2"]["metrics"]["rewards/margins"] > 0
+    # the curves of the dashboard and the report: one line per logged step, as the trainer logged it
+    history = [
+        json.loads(x) for x in (trained["dpo"].model_dir / "log_history.jsonl").read_text().splitlines()
+    ]
+    steps = [h["step"] for h in history]
+    assert (
+        len(steps) >= 2
+        and steps == sorted(set(steps))
+        and steps[-1] <= trained["m2"]["training"]["global_step"]
+    )
+    assert all({"loss", "rewards/margins", "rewards/accuracies"} <= set(h) for h in history)
+    assert history[-1]["loss"] == pytest.approx(trained["m2"]["metrics"]["last_loss"])
+    assert "log_history.jsonl" in trained["m2"]["files"]
 
 
 def test_dpo_reference_is_the_parent_not_m0(trained: dict[str, Any], tiny_model_dir: Path) -> None:

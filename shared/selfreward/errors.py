@@ -6,6 +6,8 @@ the HTTP services map them to 4xx/5xx bodies with the same message.
 
 from __future__ import annotations
 
+import re
+
 
 class SelfRewardError(Exception):
     """Base class of every error meant for a user, not a developer."""
@@ -39,3 +41,13 @@ class StageError(SelfRewardError):
     def __init__(self, stage: str, message: str) -> None:
         self.stage = stage
         super().__init__(f"stage {stage!r} failed: {message}")
+
+
+# the record an error message names: "path/file.jsonl:12", or "record 'p:3'"
+_RECORD = re.compile(r"(\S+\.jsonl?:\d+)|record '([^']+)'|record ([\w:.\-]+)")
+
+
+def named_record(message: str) -> str | None:
+    """The record an error message names ("path/file.jsonl:12", "record 'p:3'"), else None."""
+    found = _RECORD.search(message)
+    return next((g for g in found.groups() if g), None) if found else None

@@ -2,11 +2,14 @@
 
 Stage code takes a `Progress` and calls `task = progress.task(name, total)`, then
 `task.advance(n, **fields)`. Sinks turn that into a rich bar on the CLI
-(`selfreward.cli.ui.RichProgressSink`), RQ job meta for the API (`rq_meta_sink`), or nothing.
+(`selfreward.cli.ui.RichProgressSink`), RQ job meta for the API (`rq_meta_sink`), a progress
+file the dashboard polls in the embedded mode (`file_sink`), or nothing.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -108,5 +111,40 @@ def rq_meta_sink(job: Any, key: str = "progress", min_interval_s: float = 1.0) -
         last[0] = now
         job.meta[key] = event.as_dict()
         job.save_meta()
+
+    return sink
+
+
+def file_sink(path: Any, min_interval_s: float = 1.0, **about: Any) -> Sink:
+    """Write progress into a JSON file, atomically (throttled; always on finish): what the
+    dashboard reads of a stage running in the embedded mode.
+
+    The file holds `about` (stage, t), the process (pid, host: a reader on the same host can
+    tell a crashed run from a running one), when the stage started and was last updated, the
+    newest event (`current`) and the last event of every task by name (`tasks`)."""
+    from selfreward.storage import atomic_write_json
+
+    started = time.time()
+    tasks: dict[str, dict[str, Any]] = {}
+    last = [0.0]
+    lock = threading.Lock()
+
+    def sink(event: ProgressEvent) -> None:
+        with lock:
+            tasks[event.task] = event.as_dict()
+            now = time.time()
+            if not event.finished and now - last[0] < min_interval_s:
+                return
+            last[0] = now
+            body = {
+                **about,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started_at": started,
+                "updated_at": now,
+                "current": tasks[event.task],
+                "tasks": dict(tasks),
+            }
+            atomic_write_json(path, body)
 
     return sink

@@ -311,6 +311,14 @@ class RunLayout:
     def stage_manifest(self, t: int, stage: str) -> Path:
         return self.iter_dir(t) / f"{stage}.manifest.json"
 
+    def stage_progress(self, t: int, stage: str) -> Path:
+        """The embedded mode's live progress of a running stage (selfreward.progress.file_sink)."""
+        return self.iter_dir(t) / f"{stage}.progress.json"
+
+    def stage_error(self, t: int, stage: str) -> Path:
+        """Why the last attempt of a stage failed in the embedded mode (stage, record, message)."""
+        return self.iter_dir(t) / f"{stage}.error.json"
+
     def model_dir(self, name: str) -> Path:
         return self.models_dir / name
 

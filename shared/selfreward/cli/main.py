@@ -1,7 +1,7 @@
 """`selfreward` command line: one typer app, a sub-app per area.
 
 Each area's commands live in their own module (config_cmd, data_cmd, policy_cmd, judge_cmd,
-train_cmd, run_cmd, eval_cmd, serve_cmd). Modules import heavy libraries (torch, vLLM, TRL)
+train_cmd, run_cmd, eval_cmd, serve_cmd, dashboard_cmd). Modules import heavy libraries (torch, vLLM, TRL)
 inside the command functions, so `selfreward --help` stays fast.
 """
 
@@ -13,6 +13,7 @@ from selfreward import __version__
 from selfreward.cli import (
     compare_cmd,
     config_cmd,
+    dashboard_cmd,
     data_cmd,
     eval_cmd,
     judge_cmd,
@@ -46,6 +47,7 @@ app.command("run")(run_cmd.run)
 app.command("methods")(methods_cmd.methods)
 app.command("logs")(logs_cmd.logs)
 app.command("compare")(compare_cmd.compare)
+app.command("ui")(dashboard_cmd.ui)
 app.add_typer(train_cmd.app, name="train")
 app.add_typer(train_cmd.worker_app, name="worker")
 

@@ -29,6 +29,7 @@ def run(
     """
     from selfreward.config import load_config
     from selfreward.drivers.embedded import run_embedded
+    from selfreward.memory import GB
     from selfreward.progress import Progress
 
     config = load_config(config_file)
@@ -40,7 +41,8 @@ def run(
 
     def show(outcome) -> None:  # type: ignore[no-untyped-def]
         mark = "[green]done[/]" if outcome.status == "ran" else "[dim]already done[/]"
-        console.print(f"  iter {outcome.t} {outcome.stage:<10} {mark} ({outcome.seconds:.0f} s)")
+        peak = "" if outcome.peak_rss_bytes is None else f", peak {outcome.peak_rss_bytes / GB:.1f} GB"
+        console.print(f"  iter {outcome.t} {outcome.stage:<10} {mark} ({outcome.seconds:.0f} s{peak})")
 
     with RichProgressSink(transient=True) as sink:
         result = run_embedded(
@@ -49,16 +51,34 @@ def run(
     from selfreward.stages.plan import stage_named
 
     rows = [
-        (o.t, o.stage, o.status, f"{o.seconds:.1f}", stage_named(o.stage).result_of(o.manifest).summary())
+        (
+            o.t,
+            o.stage,
+            o.status,
+            f"{o.seconds:.1f}",
+            "" if o.peak_rss_bytes is None else f"{o.peak_rss_bytes / GB:.2f}",
+            stage_named(o.stage).result_of(o.manifest).summary(),
+        )
         for o in result.outcomes
     ]
-    print_table("summary", ["iter", "stage", "status", "seconds", "result"], rows)
+    print_table("summary", ["iter", "stage", "status", "seconds", "peak GB", "result"], rows)
     from selfreward.reports.run_report import build_run_report
     from selfreward.storage import RunLayout
 
     page = build_run_report(RunLayout(config.artifact_root, config.name))
-    console.print(f"total {result.seconds / 60:.1f} min; artifacts in {result.run_dir}")
+    console.print(
+        f"total {result.seconds / 60:.1f} min, peak memory {result.peak_rss_bytes / GB:.2f} GB "
+        f"(resident, this process and its children: vLLM, the trainer); artifacts in {result.run_dir}"
+    )
     console.print(f"report: {page}")
+    from selfreward.cli.dashboard_cmd import open_command
+
+    # one line, never wrapped: a command to copy
+    console.print(
+        f"dashboard: {open_command(config.artifact_root)}  (then open http://127.0.0.1:8765/ui/)",
+        soft_wrap=True,
+        markup=False,
+    )
     if result.stopped:
         console.print(f"[bold red]stopped[/]: {result.stopped}")
         raise typer.Exit(1)

@@ -43,6 +43,7 @@ def stack_up(
         f"-d @{d / 'run.json'}\n"
         f'  curl -s -X POST $API/runs/<run>/iterations -H "Authorization: Bearer $TOKEN"\n'
         f'  curl -s -H "Authorization: Bearer $TOKEN" $API/runs/<run>/iterations/1\n'
+        f"  dashboard: {s.api}/ui/ (it asks for the token)\n"
         f"stop it: selfreward stack down --dir {d}",
         highlight=False,
         soft_wrap=True,

@@ -11,6 +11,10 @@ runs and is woken after it, also when the training fails. Finished stages are sk
 command again after a crash or Ctrl-C resumes at the first unfinished stage. There is no Redis
 in this mode: the judges a stage builds cache their verdicts in-process, and the stage files
 are the resume state.
+
+For the dashboard (`selfreward ui`), a running stage's progress is written to
+`iter-<t>/<stage>.progress.json` (at most once a second) and a failed stage's error to
+`iter-<t>/<stage>.error.json` (stage, record, message), removed when the stage succeeds.
 """
 
 from __future__ import annotations
@@ -19,17 +23,19 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from selfreward.config import RunConfig, dump_config
-from selfreward.errors import ConfigError
+from selfreward.errors import ConfigError, StageError, named_record
 from selfreward.evaluation.judge_health import collapse_stop
-from selfreward.progress import NULL_PROGRESS, Progress
+from selfreward.memory import TreeMemory
+from selfreward.progress import NULL_PROGRESS, Progress, file_sink
 from selfreward.stages import plan
 from selfreward.stages.stage import Stage, StageContext, model_name, run_stage
-from selfreward.storage import RunLayout, atomic_write_text, read_manifest
+from selfreward.storage import RunLayout, atomic_write_json, atomic_write_text, read_manifest, write_manifest
 
 # fields that may differ between two invocations of the same run (where, not what)
 LOCATION_FIELDS = ("artifact_root",)
@@ -42,6 +48,7 @@ class StageOutcome:
     status: str  # "ran" | "done before"
     seconds: float
     manifest: dict[str, Any]
+    peak_rss_bytes: int | None = None  # the process tree's peak while the stage ran (selfreward.memory)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class RunResult:
     outcomes: list[StageOutcome] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str | None = None  # why the run stopped before its last iteration (a judge collapse)
+    peak_rss_bytes: int = 0  # the process tree's peak over this invocation (selfreward.memory)
 
 
 def check_run_config(layout: RunLayout, config: RunConfig) -> None:
@@ -73,6 +81,35 @@ def check_run_config(layout: RunLayout, config: RunConfig) -> None:
             )
         return
     atomic_write_text(layout.config_path, text)
+
+
+def stage_error(stage: str, t: int, exc: BaseException) -> dict[str, Any]:
+    """What `<stage>.error.json` holds: the stage, the record the error names (if any), the message."""
+    message = str(exc) or type(exc).__name__
+    return {
+        "stage": stage,
+        "t": t,
+        "record": named_record(message),
+        "message": message[:4000],
+        "type": type(exc).__name__,
+        "user_error": isinstance(exc, StageError),
+        "failed_at": time.time(),
+    }
+
+
+def run_stage_with_files(ctx: StageContext, stage: Any) -> dict[str, Any]:
+    """`run_stage` with the dashboard's files: progress while it runs, the error if it fails."""
+    layout, t = ctx.layout, ctx.t
+    error_path = layout.stage_error(t, stage.name)
+    sink = file_sink(layout.stage_progress(t, stage.name), stage=stage.name, t=t)
+    ctx.progress = Progress(*ctx.progress.sinks, sink)
+    try:
+        manifest = run_stage(ctx, stage)
+    except Exception as exc:
+        atomic_write_json(error_path, stage_error(stage.name, t, exc))
+        raise
+    error_path.unlink(missing_ok=True)
+    return manifest
 
 
 def published_adapters(layout: RunLayout) -> list[Any]:
@@ -123,6 +160,7 @@ def run_embedded(
     result = RunResult(str(layout.run_dir))
     started = time.time()
     with contextlib.ExitStack() as stack:
+        memory = stack.enter_context(TreeMemory())
         server: PolicyServer | None = None
 
         def server_url() -> str:
@@ -166,12 +204,25 @@ def run_embedded(
                     url = server_url() if stage.needs_policy(config) else policy_url
                     ctx = StageContext(config, layout, t, progress, policy_url=url, redis_url=None)
                     t0 = time.time()
+                    memory.start_window()
                     live = server.url if server is not None else policy_url
                     with policy_asleep_for(config, stage, live, own_server=policy_url is None):
-                        manifest = run_stage(ctx, stage)
-                    outcome = StageOutcome(t, stage.name, "ran", time.time() - t0, manifest)
+                        manifest = run_stage_with_files(ctx, stage)
+                    peak = memory.window_peak()
+                    manifest = record_peak(layout.stage_manifest(t, stage.name), manifest, peak)
+                    outcome = StageOutcome(t, stage.name, "ran", time.time() - t0, manifest, peak)
                 result.outcomes.append(outcome)
                 if on_stage is not None:
                     on_stage(outcome)
+        memory.sample()
+        result.peak_rss_bytes = memory.peak
     result.seconds = time.time() - started
     return result
+
+
+def record_peak(path: Path, manifest: dict[str, Any], peak: int) -> dict[str, Any]:
+    """The stage manifest with `peak_rss_bytes` (the process tree's peak while it ran), rewritten."""
+    manifest = {**manifest, "peak_rss_bytes": peak}
+    if path.is_file():
+        write_manifest(path, manifest)
+    return manifest

@@ -102,6 +102,9 @@ class GeminiBackend(Backend):
             self._state = (client, http, limits)
         return self._state[0], self._state[2]
 
+    def start(self) -> None:
+        self._client()
+
     async def capabilities(self) -> Capabilities:
         return Capabilities(prefill=False, structured=False, logprobs=True, server="gemini")
 

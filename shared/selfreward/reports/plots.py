@@ -164,3 +164,28 @@ def bench_length_bars(data: Mapping[str, Any]) -> bytes:
     ax.set_title(f"{data['set']['name']}: length bias")
     fig.legend(fontsize="x-small", loc="outside lower center", ncols=3)
     return _png(fig)
+
+
+def training_curves(curves: Sequence[Mapping[str, Any]], title: str = "Training curves") -> bytes:
+    """Loss (every model) and DPO reward margin and accuracy per logged step, one line per model
+    (selfreward.dashboard.metrics.curves: {model, kind, points: [{step, loss, ...}]})."""
+    panels = [
+        ("loss", "training loss"),
+        ("rewards/margins", "DPO reward margin"),
+        ("rewards/accuracies", "DPO reward accuracy"),
+    ]
+    shown = [(k, label) for k, label in panels if any(k in p for c in curves for p in c["points"])]
+    fig = _figure(4.2 * max(1, len(shown)), 3.2)
+    axes = fig.subplots(1, max(1, len(shown)), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, shown, strict=False):
+        for c in curves:
+            pts = [(p["step"], p[key]) for p in c["points"] if key in p]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, label=f"{c['model']} ({c.get('kind') or '?'})")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _png(fig)

@@ -1,12 +1,16 @@
-"""`selfreward report RUN`: one self-contained HTML page for a run.
+"""`selfreward report RUN`: one self-contained HTML page for a run, for a person to read.
 
-Reads the run's artifact folder (RunLayout) and embeds everything (inline CSS, PNGs as
-base64 data URIs), so the page can be mailed or archived alone:
-- the run's config summary and the metric trends across evaluated models (M2, M3, ...);
-- a table of every evaluation (head-to-head win/tie/loss with intervals, reward-model metrics);
-- the models and their manifests;
-- per iteration: every stage manifest's counts, a histogram of the iteration's candidate
-  scores (judgments.jsonl), and the evaluation's metrics and plots (eval/iter-<t>/).
+Reads the run's artifact folder (RunLayout) and embeds everything (inline CSS, PNGs as base64
+data URIs), so the page can be mailed or archived alone. In reading order:
+- the summary: per evaluated iteration, the dashboard's sentence ("M(t+1) vs M(t): win rate X%
+  [interval], judge agreement Y% (change), length change", selfreward.dashboard.metrics) with a
+  verdict only where the interval excludes 50%; warnings (judge collapse, self-evaluation);
+- the metrics across iterations (a trend plot once two iterations are evaluated, the table);
+- the training curves (loss, DPO reward margin and accuracy per step, from each model's
+  log_history.jsonl);
+- examples: a few chosen/rejected pairs per iteration and evaluation answers side by side;
+- per iteration: its stages (time, main counts), the candidate score histogram, the evaluation;
+- the raw manifests (models and stages), in a collapsed section.
 Missing pieces (an iteration still running, no evaluation yet) are shown as such.
 """
 
@@ -45,6 +49,12 @@ th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #eee;margin:.4rem .4rem .4rem 0}
 .muted{color:#777}.warn{color:#b71c1c}.grid{display:flex;flex-wrap:wrap;gap:.5rem}
 code{background:#f6f6f6;padding:0 .2rem}
+.summary{font-size:1.05rem;margin:.35rem 0}.summary.evidence strong{color:#1a7f37}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:.6rem;margin:.3rem 0 1rem}
+.pair div{padding:.45rem;border-radius:.3rem;white-space:pre-wrap;font-size:.9rem}
+.chosen{background:#e8f5e9}.rejected{background:#ffebee}.side div{background:#f6f6f6}
+.prompt{font-weight:600;white-space:pre-wrap;margin-top:.8rem}
+details{margin:.6rem 0}summary{cursor:pointer;color:#0b57d0}
 """
 
 
@@ -234,32 +244,123 @@ def _eval_section(layout: RunLayout, t: int) -> str:
     return "".join(parts)
 
 
+def _summary_section(layout: RunLayout, trends: list[dict[str, Any]], reports: list[dict[str, Any]]) -> str:
+    parts = ["<h2>Summary</h2>"]
+    if not trends:
+        parts.append(
+            '<p class="muted">No evaluation yet: the summary appears once an iteration is evaluated.</p>'
+        )
+    for row in trends:
+        s = row["sentence"]
+        cls = "summary evidence" if s["evidence"] else "summary"
+        parts.append(f'<p class="{cls}">{_e(s["text"])} <strong>{_e(s["verdict"])}.</strong></p>')
+    for r in reports:
+        if (r.get("judge_health") or {}).get("collapsed"):
+            parts.append(
+                f'<p class="warn">Iteration {_e(r.get("iteration"))}: the judge collapsed (top-score share '
+                f"{pct((r.get('judge_health') or {}).get('top_share'))}): its pairs carry little signal.</p>"
+            )
+        if r.get("self_evaluation"):
+            parts.append(
+                f'<p class="warn">Iteration {_e(r.get("iteration"))}: {_e(r["self_evaluation"])}</p>'
+            )
+    return "".join(parts)
+
+
+def _examples_section(layout: RunLayout, iterations: list[int], per_iteration: int = 3) -> str:
+    from selfreward.dashboard.browse import DataQuery, eval_page, prompt_page
+
+    parts = []
+    for t in iterations:
+        if t < 1:
+            continue
+        block = []
+        page = prompt_page(layout, t, DataQuery(limit=per_iteration))
+        for item in page["items"]:
+            pair = item["pair"] or {}
+            block.append(f'<div class="prompt">{_e(item["prompt"])}</div>')
+            block.append(
+                '<div class="pair">'
+                f'<div class="chosen"><strong>chosen ({num(pair.get("chosen_score"), 2)})</strong>\n'
+                f"{_e(pair.get('chosen'))}</div>"
+                f'<div class="rejected"><strong>rejected ({num(pair.get("rejected_score"), 2)})</strong>\n'
+                f"{_e(pair.get('rejected'))}</div></div>"
+            )
+        evals = eval_page(layout, t, None, 0, per_iteration)
+        for e in evals["items"]:
+            pref = e.get("preference")
+            outcome = (
+                "failed"
+                if pref is None
+                else f"{e['a']} wins"
+                if pref > 0.5
+                else f"{e['b']} wins"
+                if pref < 0.5
+                else "tie"
+            )
+            block.append(
+                f'<div class="prompt">{_e(e.get("instruction") or e["prompt_id"])} ({_e(outcome)})</div>'
+            )
+            block.append(
+                '<div class="pair side">'
+                f"<div><strong>A: {_e(e['a'])}</strong>\n{_e(e.get('answer_a'))}</div>"
+                f"<div><strong>B: {_e(e['b'])}</strong>\n{_e(e.get('answer_b'))}</div></div>"
+            )
+        if block:
+            parts.append(
+                f"<h3>Iteration {t}: pairs the model trained on, and evaluation answers</h3>" + "".join(block)
+            )
+    if not parts:
+        return ""
+    return "<h2>Examples</h2>" + "".join(parts)
+
+
+def _stage_rows(layout: RunLayout, t: int) -> list[list[Any]]:
+    rows = []
+    for path in sorted(layout.iter_dir(t).glob("*.manifest.json")):
+        stage = path.name.removesuffix(".manifest.json")
+        manifest = read_manifest(path) or {}
+        counts = ", ".join(
+            f"{k}={v}"
+            for k, v in _scalars(manifest)
+            if isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and k not in ("iteration", "seed", "started_at", "seconds", "seconds_total")
+        )
+        seconds = manifest.get("seconds")
+        rows.append([stage, "-" if seconds is None else f"{seconds:.1f} s", counts or "-"])
+    return rows
+
+
 def build_run_report(layout: RunLayout, out_path: Path | None = None) -> Path:
     """Write the run's HTML page (default runs/<run>/report.html); returns its path."""
+    from selfreward.dashboard.metrics import curves as training_curves_of
+    from selfreward.dashboard.metrics import trends as trends_of
+    from selfreward.reports.plots import training_curves
+
     if not layout.run_dir.is_dir():
         raise InputError(f"{layout.run_dir}: no such run (artifact root {layout.root})")
-    parts = [f"<h1>Run {_e(layout.run)}</h1>", f'<p class="muted">{_e(layout.run_dir)}</p>']
+    cfg: dict[str, Any] = {}
     if layout.config_path.is_file():
         try:
             cfg = yaml.safe_load(layout.config_path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise InputError(f"{layout.config_path}: not valid YAML ({exc})") from None
-        fields = [
-            ("variant", cfg.get("variant")),
-            ("iterations", cfg.get("iterations")),
-            ("base model", (cfg.get("model") or {}).get("base")),
-            ("teacher", (cfg.get("teacher") or {}).get("backend")),
-            ("eval judge", (cfg.get("eval") or {}).get("judge")),
-            ("eval prompts", (cfg.get("eval") or {}).get("prompts")),
-            ("seed", cfg.get("seed")),
-        ]
-        parts.append(_table(["setting", "value"], [[k, "-" if v is None else v] for k, v in fields]))
-
+    iterations = _iterations(layout)
     reports = iteration_reports(layout)
+    trends = trends_of(layout)
+    parts = [f"<h1>Run {_e(layout.run)}</h1>"]
+    parts.append(
+        f"<p>{_e(cfg.get('variant', '?'))}, base model <code>{_e((cfg.get('model') or {}).get('base'))}</code>, "
+        f"{len(reports)} evaluated iteration(s) of {_e(cfg.get('iterations', '?'))}; "
+        f'<span class="muted">{_e(layout.run_dir)}</span></p>'
+    )
+    parts.append(_summary_section(layout, trends, reports))
+
     parts.append("<h2>Metrics by model</h2>")
     if reports:
         labels, series = trend_series(reports)
-        if series:
+        if series and len(reports) >= 2:  # one evaluated iteration is one dot: its plots are below
             title = f"Run {layout.run}: metrics by model"
             parts.append(_img(metric_trends(labels, series, title, length_series(reports)), "trends"))
         parts.append(
@@ -286,32 +387,20 @@ def build_run_report(layout: RunLayout, out_path: Path | None = None) -> Path:
     else:
         parts.append('<p class="muted">No evaluation yet.</p>')
 
-    parts.append("<h2>Models</h2>")
-    models = (
-        sorted(p for p in layout.models_dir.glob("*/manifest.json")) if layout.models_dir.is_dir() else []
-    )
-    if models:
-        for path in models:
-            manifest = read_manifest(path) or {}
-            parts.append(_manifest_block(path.parent.name, manifest))
+    curves = training_curves_of(layout)
+    parts.append("<h2>Training curves</h2>")
+    if any(c["points"] for c in curves):
+        parts.append(_img(training_curves(curves, f"Run {layout.run}: training curves"), "training curves"))
     else:
-        parts.append('<p class="muted">No model written yet.</p>')
+        parts.append('<p class="muted">No training log yet (models/&lt;m&gt;/log_history.jsonl).</p>')
 
-    for t in _iterations(layout):
+    parts.append(_examples_section(layout, iterations))
+
+    for t in iterations:
         parts.append(f"<h2>Iteration {t}</h2>")
-        manifests = sorted(layout.iter_dir(t).glob("*.manifest.json")) if layout.iter_dir(t).is_dir() else []
-        if manifests:
-            rows = []
-            for path in manifests:
-                stage = path.name.removesuffix(".manifest.json")
-                manifest = read_manifest(path) or {}
-                counts = ", ".join(
-                    f"{k}={v}"
-                    for k, v in _scalars(manifest)
-                    if isinstance(v, int | float) and not isinstance(v, bool)
-                )
-                rows.append([stage, manifest.get("written_at", "-"), counts or "-"])
-            parts.append(_table(["stage", "written at", "counts"], rows))
+        rows = _stage_rows(layout, t) if layout.iter_dir(t).is_dir() else []
+        if rows:
+            parts.append(_table(["stage", "time", "counts"], rows))
         else:
             parts.append('<p class="muted">No stage finished yet.</p>')
         cand = _candidate_scores(layout, t)
@@ -329,6 +418,20 @@ def build_run_report(layout: RunLayout, out_path: Path | None = None) -> Path:
                 )
             )
         parts.append(_eval_section(layout, t))
+
+    raw = ['<details id="raw-manifests"><summary>Raw manifests (models and stages)</summary>']
+    if cfg:
+        raw.append(_manifest_block("config.yaml", cfg))
+    models = sorted(layout.models_dir.glob("*/manifest.json")) if layout.models_dir.is_dir() else []
+    for path in models:
+        raw.append(_manifest_block(f"model {path.parent.name}", read_manifest(path) or {}))
+    if not models:
+        raw.append('<p class="muted">No model written yet.</p>')
+    for t in iterations:
+        for path in sorted(layout.iter_dir(t).glob("*.manifest.json")) if layout.iter_dir(t).is_dir() else []:
+            raw.append(_manifest_block(f"iteration {t}: {path.name}", read_manifest(path) or {}))
+    raw.append("</details>")
+    parts.append("".join(raw))
 
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -51,6 +51,7 @@ ENVELOPE = (
     "started_at",
     "seconds",
     "seconds_total",
+    "peak_rss_bytes",  # the embedded mode: its process tree's peak while the stage ran (selfreward.memory)
     "outputs",
     "written_at",
 )

@@ -32,6 +32,7 @@ from selfreward.storage import (
     read_manifest,
     sha256_dir,
     sha256_text,
+    write_jsonl_atomic,
     write_manifest,
 )
 
@@ -284,12 +285,30 @@ def fit(
         for path in stage.iterdir():  # the trained adapter + tokenizer; not the frozen "ref/" copy
             if path.is_file() and path.name != "training_args.bin":
                 shutil.copy2(path, tmp / path.name)
+        write_log_history(tmp / LOG_HISTORY, trainer.state.log_history)
         adapter_sha256 = sha256_dir(tmp, include=lambda rel: rel.name.startswith("adapter_"))
         manifest = _manifest(request, data, identity, training, metrics, adapter_sha256, tmp)
         manifest.update(_publishing_fields(trainer, tokenizer, request, tmp, manifest))
         write_manifest(tmp / "manifest.json", manifest)
     log.info("%s: wrote %s (adapter sha256 %s)", request.name, request.model_dir, adapter_sha256[:12])
     return read_manifest(request.manifest_path)
+
+
+LOG_HISTORY = "log_history.jsonl"
+
+
+def write_log_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """The trainer's logged steps, one line each (step, loss, rewards/margins, ...): the training
+    curves of the dashboard and the report. Restored from the checkpoint on a resume, so the
+    file covers every step of the model, not only this session's."""
+    rows = []
+    for entry in history:
+        if "loss" not in entry or "step" not in entry:
+            continue  # the final train_runtime/train_loss summary entry
+        row = {"step": int(entry["step"])}
+        row.update({k: v for k, v in entry.items() if k != "step" and isinstance(v, int | float)})
+        rows.append(row)
+    write_jsonl_atomic(path, rows)
 
 
 def _publishing_fields(

@@ -8,6 +8,7 @@ artifact_root and the service URLs this way), and the allow-lists of what a post
 name (selfreward.api.coordinator.trust). Errors are JSON {"detail": ...}: 401 without the token,
 404 unknown run or iteration, 409 conflicts, 413 a body over 1 MiB, 422 a bad config (one entry
 per field), 503 while Redis or the artifact store is unavailable. No answer carries a traceback.
+The dashboard (selfreward.dashboard.router) is served at /ui.
 """
 
 from __future__ import annotations
@@ -399,6 +400,19 @@ def create_app(
             }
             app.openapi_schema = doc
         return app.openapi_schema
+
+    from selfreward.dashboard.coordinator_source import CoordinatorSource
+    from selfreward.dashboard.router import dashboard_router
+
+    # the dashboard at /ui: its pages and scripts are open (they hold no data), its JSON reads
+    # are guarded as the API's reads are, its actions are the POST routes above (token)
+    app.include_router(
+        dashboard_router(
+            CoordinatorSource(conn),
+            read_dependencies=read,
+            auth_required=api_token is not None and not public_reads,
+        )
+    )
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app

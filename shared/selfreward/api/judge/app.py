@@ -6,7 +6,8 @@
     GET  /healthz     liveness + what the service is configured with (no secrets)
     GET  /metrics     Prometheus text format (selfreward_judge_in_flight: the autoscaling signal)
 
-One `LLMJudge` per spec, built on first use and shared by all requests (a request with another
+One `LLMJudge` per spec, built on first use (the default judge at start, its backend's client
+included, so that the first request does not pay for it) and shared by all requests (a request with another
 mode gets a view of it with the same backend), so the per-backend concurrency bound and rate
 limits hold across requests; with REDIS_URL they hold across replicas and stage workers too (one
 budget per backend in Redis, selfreward.llm.limits.SharedLimits). Only the deployment's judges are built: `policy:<model>` (the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,6 +47,8 @@ from selfreward.api.limits import BodyLimit
 from selfreward.errors import ConfigError, InputError, SelfRewardError
 from selfreward.judging import CompareResult, LLMJudge, ScoreResult, VerdictCache, make_judge
 from selfreward.llm.specs import read_spec
+
+log = logging.getLogger(__name__)
 
 MAX_RESPONSES = 256
 MAX_SAMPLES = 64
@@ -164,6 +168,17 @@ class JudgePool:
             await old.aclose()
         return judge
 
+    async def warm(self) -> None:
+        """Build the default judge and its backend's client at start (sends no request). A default
+        that cannot be built is logged and left to the first request, which gets the error."""
+        if not self.settings.default_judge:
+            return
+        try:
+            judge = await self.get(None, None)
+            judge.backend.start()
+        except SelfRewardError as exc:
+            log.warning("default judge %s not built at start: %s", self.settings.default_judge, exc)
+
     async def aclose(self) -> None:
         for modes in self._judges.values():
             await next(iter(modes.values())).aclose()
@@ -178,6 +193,7 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await pool.warm()
         yield
         await pool.aclose()
 
