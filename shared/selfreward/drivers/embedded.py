@@ -132,7 +132,7 @@ def policy_asleep_for(
     the first stage that needs one); a no-op for every other stage."""
     from selfreward.policy.sleep import asleep_while
 
-    if stage.queue != "train" or live_url is None:
+    if not stage.trains or live_url is None:
         return contextlib.nullcontext()
     return asleep_while(config, live_url, own_server=own_server)
 

@@ -3,7 +3,7 @@
 When the policy server and the trainer share one GPU (compose's default, the embedded mode on
 a GPU machine), vLLM holds `gpu_memory_utilization` of it for weights and KV cache while a
 training stage runs. With `policy.sleep_during_training` on, the drivers put every replica to
-sleep before a training stage (SFT, DPO: a stage of the `train` queue) and wake them after it,
+sleep before a training stage (SFT, DPO: `Stage.trains`) and wake them after it,
 in a `finally` (a failed training wakes them too); the publish stage that follows then loads
 and verifies the new adapter's fingerprint as it always does.
 

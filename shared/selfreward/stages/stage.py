@@ -97,6 +97,9 @@ class Stage:
     # the stage can run as `services.judge_shards` shard jobs plus a merge (distributed mode):
     # with StageContext.shard set, `run` does shard i of n only and its result is not a manifest
     shardable: bool = False
+    # the stage trains a model (SFT, DPO): where the policy shares the trainer's GPU it sleeps
+    # while the stage runs (policy.sleep_during_training, selfreward.policy.sleep)
+    trains: bool = False
 
     def result_of(self, manifest: dict[str, Any]) -> StageResult:
         """The typed result held by one of this stage's manifests (InputError when it holds none)."""
