@@ -2,8 +2,8 @@
 
 A stage is a function from versioned inputs in the artifact store to versioned outputs there.
 Its `Stage` record holds every fact the drivers need: its name, its async `run` function, the
-RQ queue a distributed worker takes it from, whether it talks to the served policy, its job
-timeout, and the typed model of its result. `execute(ctx, stage)` is the one way to run it:
+RQ queue a distributed worker takes it from, whether it talks to the served policy, whether it
+trains a model (the policy may sleep meanwhile), its job timeout, and the typed model of its result. `execute(ctx, stage)` is the one way to run it:
 
 - a stage is done when `iter-<t>/<stage>.manifest.json` exists; `execute` of a done stage
   returns that manifest and runs nothing (idempotent);
