@@ -326,7 +326,12 @@ def test_the_coordinator_serves_the_dashboard_with_its_auth_rules(
         assert runs["broken"]["status"] == "failed"
         it = api.get("/ui/api/runs/broken/iterations/1", headers=AUTH).json()
         assert it["status"] == "failed" and it["error"]["record"] == "prompts.jsonl:3"
-        assert {s["stage"]: s["state"] for s in it["stages"]}["prompts"] == "done"
+        states = {s["stage"]: s for s in it["stages"]}
+        assert states["prompts"]["state"] == "done" and "iteration" not in states["prompts"]["counts"]
+        assert (
+            states["candidates"]["state"] == "failed"
+            and states["candidates"]["error"]["stage"] == "candidates"
+        )
         run = api.get("/ui/api/runs/demo", headers=AUTH).json()
         assert [i["status"] for i in run["timeline"]] == ["done", "done", "done"]
         assert {r["key"] for r in run["config"]} >= {"iterations", "model.base"}

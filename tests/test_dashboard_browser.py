@@ -138,7 +138,7 @@ def test_a_finished_run_runs_list_metrics_curves_and_data(
     first_item.locator("details summary").click()
     assert first_item.locator(".cands tr[data-candidate]").count() == 3
     assert "Score: 4" in first_item.locator(".cands").inner_text()
-    assert page.locator(".eval-example").count() == 8
+    assert page.locator(".eval-example").count() == 8 and page.locator("#eval-next").count() == 0
     assert "m2 says answer 0" in page.locator(".eval-example").first.inner_text()
     page.screenshot(path=str(screenshot_dir(tmp_path) / "dashboard-data.png"), full_page=True)
     # filters and search go through the URL (linkable)
@@ -153,6 +153,16 @@ def test_a_finished_run_runs_list_metrics_curves_and_data(
     page.goto(f"{ui}/ui/runs/demo/iterations/1/data?view=prompts&filter=dropped")
     page.wait_for_selector("#items .item")
     assert page.locator("#items .item").count() == 1 and "No pair" in page.inner_text("#items .item")
+    page.goto(f"{ui}/ui/runs/demo/iterations/1/data?eval_limit=3")  # evaluation examples page too
+    page.wait_for_selector("#eval-next")
+    assert [page.locator(".eval-example").nth(i).get_attribute("data-prompt") for i in range(3)] == [
+        "e0",
+        "e1",
+        "e2",
+    ]
+    page.click("#eval-next")
+    page.wait_for_selector(".eval-example[data-prompt=e3]")
+    assert page.locator(".eval-example").count() == 3
     page.goto(f"{ui}/ui/runs/demo/iterations/1/data?limit=2")
     page.wait_for_selector("#next")
     page.click("#next")
@@ -221,6 +231,8 @@ def test_resume_a_failed_iteration_from_the_coordinator_page(
         page.wait_for_selector("#stages tr.stage[data-stage=candidates]")
         assert "prompts.jsonl:3" in page.inner_text("#iteration-error")
         assert page.get_attribute("#stages tr.stage[data-stage=prompts]", "data-state") == "done"
+        assert page.get_attribute("#stages tr.stage[data-stage=candidates]", "data-state") == "failed"
+        assert "record prompts.jsonl:3" in page.inner_text("#stages tr.stage-error")
         assert page.locator("#resume").is_enabled()
         page.screenshot(path=str(screenshot_dir(tmp_path) / "dashboard-failed.png"), full_page=True)
         page.click("#resume")
@@ -230,3 +242,10 @@ def test_resume_a_failed_iteration_from_the_coordinator_page(
         assert "1:candidates" in state.jobs and Queue("generate", connection=redis_conn).count == 1
         page.wait_for_selector("#stages tr.stage[data-stage=candidates][data-state=queued]", timeout=10_000)
         assert json.loads(redis_conn.hget("selfreward:run:broken:iter:1", "jobs"))  # the chain is stored
+        # cancel from the page: the queued chain stops, the iteration can be resumed again
+        page.wait_for_selector("#cancel:not([disabled])")
+        page.click("#cancel")
+        page.wait_for_selector("#flash:has-text('cancel: ')", timeout=10_000)
+        assert store.iteration("broken", 1).status == "cancelled"
+        assert Queue("generate", connection=redis_conn).count == 0
+        page.wait_for_selector("#resume:not([disabled])", timeout=10_000)

@@ -43,6 +43,10 @@ def test_publish_right_adapter_passes_and_is_idempotent(policy_server: Any, tiny
     # fp32 vLLM against fp32 transformers: far inside the tolerance; the parent: far outside
     assert first["max_abs_diff"] < 1e-3 and first["top1_agreement"] == 1.0
     assert first["parent_max_abs_diff"] > 10 * DEFAULT_TOLERANCE
+    # ... computed by the grouped CPU LoRA ops (selfreward.policy.cpu_lora) in vLLM's engine
+    from selfreward.policy.cpu_lora import IN_USE
+
+    assert IN_USE in policy_server.log_path.read_text()
     assert first["served_name"] in served_adapters(policy_server)
     again = run(policy_server, lambda c: publish_adapter(c, tiny_lora_dir, name="m1"))
     assert again["already_loaded"] is True and again["served_name"] == first["served_name"]

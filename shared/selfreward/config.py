@@ -318,6 +318,12 @@ class PolicyServerConfig(StrictModel):
     max_lora_rank: int = Field(64, ge=1)
     max_loras: int = Field(4, ge=1)
     max_logprobs: int = Field(20, ge=1)
+    grouped_cpu_lora: bool = Field(
+        True,
+        description="on CPU, compute LoRA with one matmul per adapter in the batch instead of vLLM "
+        "0.32's per-token weight gathers (selfreward.policy.cpu_lora; same results, judging with "
+        "an adapter several times faster); false: vLLM's own ops",
+    )
     startup_timeout_s: float = Field(600.0, gt=0)
     extra_args: list[str] = []
     cpu_reserved_cores: int | None = Field(

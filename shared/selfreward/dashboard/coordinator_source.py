@@ -13,6 +13,7 @@ from selfreward.config import RunConfig
 from selfreward.dashboard.source import (
     RunMissing,
     config_rows,
+    counts_of,
     iteration_status,
     run_status,
     with_record,
@@ -59,12 +60,17 @@ class CoordinatorSource:
             counts = s.get("counts") or {}
             if "seconds" in counts:
                 s["seconds"] = counts["seconds"]
+            if counts:
+                s["counts"] = counts_of(counts)
             if s.get("error") and not isinstance(s["error"], dict):
                 s["error"] = with_record({"stage": s["stage"], "message": s["error"]})
         if detail.get("error"):
             detail["error"] = with_record(
                 {"stage": detail.get("failed_stage"), "message": str(detail["error"])}
             )
+            for s in detail["stages"]:  # the stored failed stage, also once RQ forgot its job
+                if s["stage"] == detail.get("failed_stage") and s["state"] in ("pending", "blocked"):
+                    s.update(state="failed", error=detail["error"])
         if detail["status"] == "pending":
             detail["status"] = iteration_status(detail["stages"])
         return detail

@@ -38,7 +38,7 @@ SHELL = """<!DOCTYPE html>
 <title>selfreward dashboard</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/ui/static/app.css?v={version}">
 </head><body data-mode="{mode}"><header><a href="/ui/" class="brand">selfreward</a>
 <nav id="crumbs"></nav><span id="mode" class="muted">{mode}</span><span id="auth"></span></header>
-<main id="main"><p class="muted">Loading...</p></main>
+<div id="flash" role="status"></div><main id="main"><p class="muted">Loading...</p></main>
 <script src="/ui/static/charts.js?v={version}"></script><script src="/ui/static/app.js?v={version}"></script>
 </body></html>
 """

@@ -42,7 +42,7 @@ from selfreward.config import PolicyServerConfig, RunConfig
 from selfreward.errors import ConfigError, InputError, ServiceError
 from selfreward.processes import term_with_parent
 
-from . import vllm_main
+from . import cpu_lora, vllm_main
 from .prepare import check_causal_lm
 from .sleep import server_flags
 
@@ -166,6 +166,7 @@ def vllm_env(
             del env[LORA_RESOLVER_DIR_ENV]  # vLLM would refuse to start: serve without the resolver
     if policy.device == "cpu":
         env["VLLM_TARGET_DEVICE"] = "cpu"
+        env[cpu_lora.ENV] = "1" if policy.grouped_cpu_lora else "0"
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(policy.cpu_kvcache_gib))
         reserved = policy.cpu_reserved_cores
         if reserved is None and (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:

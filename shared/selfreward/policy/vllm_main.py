@@ -86,6 +86,30 @@ def install_alias() -> None:
 
 install_alias()
 
+# SELFREWARD_GROUPED_CPU_LORA (selfreward.policy.cpu_lora.ENV): "0" keeps vLLM's own CPU LoRA ops
+GROUPED_CPU_LORA_ENV = "SELFREWARD_GROUPED_CPU_LORA"
+
+
+def install_grouped_cpu_lora() -> bool:
+    """vLLM's CPU LoRA ops grouped by adapter (selfreward.policy.cpu_lora) unless the environment
+    says "0". Imported by path (this file may run from another environment than selfreward's)."""
+    if os.environ.get(GROUPED_CPU_LORA_ENV, "1") == "0":
+        return False
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_lora.py")
+    spec = importlib.util.spec_from_file_location("selfreward_cpu_lora", path)
+    if spec is None or spec.loader is None:
+        return False
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.install()
+    return True
+
+
+if __name__ in ("__main__", "__mp_main__"):  # the server and the processes it spawns
+    install_grouped_cpu_lora()
+
 
 def main() -> None:
     from vllm.entrypoints.cli.main import main as vllm_main

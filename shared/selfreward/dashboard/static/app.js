@@ -95,9 +95,8 @@
       if (after) after(r);
     } catch (e) { flash(label + " failed: " + e.message, true); }
   }
-  function flash(msg, bad) {
-    let f = document.getElementById("flash");
-    if (!f) { f = h("div", { id: "flash" }); main.prepend(f); }
+  function flash(msg, bad) {  // outside #main: it stays while the view re-renders
+    const f = document.getElementById("flash");
     f.className = bad ? "error" : "summary";
     f.textContent = msg;
   }
@@ -355,7 +354,7 @@
       pager.appendChild(h("a", { href: "?" + p.toString(), id: "next", text: "next page ->" }));
     }
     main.appendChild(pager);
-    const ev = await api(API + "/runs/" + enc(name) + "/iterations/" + t + "/eval?limit=10");
+    const ev = await api(API + "/runs/" + enc(name) + "/iterations/" + t + "/eval?limit=" + enc(qs.get("eval_limit") || "10") + "&offset=" + enc(qs.get("eval_offset") || "0"));
     main.appendChild(h("h2", { text: "Evaluation examples" }));
     if (!ev.items.length) main.appendChild(h("p", { class: "muted", text: "No evaluation verdicts yet." }));
     ev.items.forEach(function (e) {
@@ -366,6 +365,10 @@
         h("p", { class: "small" }, [h("strong", { text: pref }), " - A shown first: " + ((e.ab && e.ab.winner) || "?") + " (" + ((e.ab && e.ab.text) || "") + "); B shown first: " + ((e.ba && e.ba.winner) || "?") + " (" + ((e.ba && e.ba.text) || "") + ")"]),
       ]));
     });
+    if (ev.next_offset !== null && ev.next_offset !== undefined) {
+      const p = new URLSearchParams(qs); p.set("eval_offset", ev.next_offset);
+      main.appendChild(h("div", { class: "pager" }, h("a", { href: "?" + p.toString(), id: "eval-next", text: "more evaluation examples ->" })));
+    }
   }
 
   // ------------------------------------------------------------------ routing
