@@ -11,7 +11,9 @@ What it does, all through the project's own code (selfreward.training, selfrewar
    float32 Hugging Face folder, as `selfreward policy prepare` does);
 2. trains M1 = SFT(M0) on the shipped demo seed, then M2 = DPO(M1) on preference pairs from it
    (best vs worst human-ranked reply), each with `selfreward.training.runner.run` (TRL + PEFT LoRA,
-   training.device cuda, precision auto = bf16); tokens/s and peak GPU memory of each;
+   training.device cuda, precision auto = bf16); tokens/s and peak GPU memory of each, and the
+   CUDA memory this process keeps cached after each job before and after
+   `selfreward.policy.sleep.release_gpu_memory` (what the sleep hook frees before vLLM wakes);
 3. fingerprints M2 (and M1) four ways and compares them with `compare_fingerprints`:
    - `cpu_fp32`: the trainer's own (the manifest's: the saved adapter on CPU in float32);
    - `gpu_fp32`: the same model on the GPU in float32 (the device alone);
@@ -72,6 +74,22 @@ def gpu_facts(device: str) -> dict[str, Any]:
     }
 
 
+def memory_after_job(device: str) -> dict[str, float | None]:
+    """The CUDA memory this process keeps cached after a training job, and what
+    `release_gpu_memory` (the sleep hook, before vLLM wakes) gives back; None on CPU."""
+    import torch
+
+    from selfreward.policy.sleep import release_gpu_memory
+
+    keys = ("gpu_reserved_after_job_gib", "gpu_released_before_wake_gib", "gpu_reserved_after_release_gib")
+    if device != "cuda":
+        return dict.fromkeys(keys)
+    kept = torch.cuda.memory_reserved()
+    released = release_gpu_memory()
+    after = torch.cuda.memory_reserved()
+    return dict(zip(keys, (round(b / 2**30, 2) for b in (kept, released, after)), strict=True))
+
+
 def train(config: Any, work: Path, steps: tuple[int, int], device: str) -> dict[str, Any]:
     """M1 = SFT(M0), M2 = DPO(M1) through selfreward.training.runner.run; facts of each."""
     import torch
@@ -111,6 +129,7 @@ def train(config: Any, work: Path, steps: tuple[int, int], device: str) -> dict[
                 round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
             ),
         }
+        out[kind].update(memory_after_job(device))
     return out
 
 
@@ -184,11 +203,13 @@ def summary(result: dict[str, Any]) -> str:
     lines.append(f"model: {result['model']}")
     for kind in ("sft", "dpo"):
         r = result["training"][kind]
-        peak = (
-            f", peak GPU memory {r['peak_gpu_memory_gib']} GiB"
-            if r["peak_gpu_memory_gib"] is not None
-            else ""
-        )
+        peak = ""
+        if r["peak_gpu_memory_gib"] is not None:
+            peak = (
+                f", peak GPU memory {r['peak_gpu_memory_gib']} GiB, reserved after the job "
+                f"{r['gpu_reserved_after_job_gib']} GiB, {r['gpu_reserved_after_release_gib']} GiB after "
+                "release_gpu_memory (what the sleep hook frees before vLLM wakes)"
+            )
         lines.append(
             f"{kind}: {r['steps']} steps {r['precision']} on {r['device']}: {r['tokens_per_s']} tokens/s, "
             f"{r['samples_per_s']} samples/s, loss {_num(r['first_loss'])} -> {_num(r['last_loss'])} "

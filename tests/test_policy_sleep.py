@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,11 @@ from selfreward.drivers.embedded import policy_asleep_for
 from selfreward.drivers.rq import NOT_RETRIED, policy_for
 from selfreward.errors import ConfigError
 from selfreward.llm.openai import OpenAICompatClient, SleepModeUnavailable
-from selfreward.policy.launcher import vllm_command, vllm_env
+from selfreward.policy.launcher import PolicyServer, vllm_command, vllm_env
 from selfreward.policy.pool import publish_to_policy
 from selfreward.policy.sleep import sleep_during_training, wake_sleeping
 from selfreward.stages.stage import Stage, StageContext, StageResult, never, run_stage
-from selfreward.storage import RunLayout
+from selfreward.storage import RunLayout, read_manifest
 from selfreward.testing.fake_vllm import FakeVLLM, fake_vllm
 
 
@@ -54,14 +56,14 @@ class Seen(StageResult):
 
 
 def training_stage(fake: FakeVLLM, fail: bool = False) -> Stage:
-    """A stage of the train queue that records whether the replica slept while it ran."""
+    """A training stage that records whether the replica slept while it ran."""
 
     async def run(ctx: StageContext) -> Seen:
         if fail:
             raise RuntimeError(f"training crashed (replica sleeping: {fake.sleeping})")
         return Seen(sleeping=fake.sleeping)
 
-    return Stage(name="sft", run=run, queue="train", result=Seen, needs_policy=never)
+    return Stage(name="sft", run=run, queue="train", result=Seen, needs_policy=never, trains=True)
 
 
 def context(config: RunConfig) -> StageContext:
@@ -117,22 +119,33 @@ print("RESULT " + json.dumps({"sleep": out, "dev_mode_env": "VLLM_SERVER_DEV_MOD
 """
 
 
-def test_the_launcher_passes_the_flag_and_env_only_when_on() -> None:
-    def launch(policy: PolicyServerConfig) -> tuple[list[str], dict[str, str]]:
-        cmd = vllm_command("m", served_name="m0", policy=policy, max_model_len=512, port=8000)
-        return cmd, vllm_env(policy, {"PATH": "/bin"})
+def test_the_launcher_passes_the_flag_and_env_only_when_on(tmp_path: Path) -> None:
+    def launch(policy: PolicyServerConfig, sleep_mode: bool) -> tuple[list[str], dict[str, str]]:
+        cmd = vllm_command(
+            "m", served_name="m0", policy=policy, max_model_len=512, port=8000, sleep_mode=sleep_mode
+        )
+        return cmd, vllm_env(policy, {"PATH": "/bin"}, sleep_mode)
 
-    on_cmd, on_env = launch(PolicyServerConfig(device="cuda"))
+    on_cmd, on_env = launch(PolicyServerConfig(device="cuda"), True)
     assert "--enable-sleep-mode" in on_cmd and on_env["VLLM_SERVER_DEV_MODE"] == "1"
-    for policy in (
-        PolicyServerConfig(device="cpu"),
-        PolicyServerConfig(device="cuda", sleep_during_training="off"),
-        PolicyServerConfig(device="cuda", shares_gpu_with_trainer=False),
+    off_cmd, off_env = launch(PolicyServerConfig(device="cuda"), False)
+    assert "--enable-sleep-mode" not in off_cmd and "VLLM_SERVER_DEV_MODE" not in off_env
+    assert [a for a in on_cmd if a != "--enable-sleep-mode"] == off_cmd
+    # who asks for it: the embedded driver's own server where the run sleeps it (run_sleeps with
+    # own_server), `selfreward policy serve` (from_config) only where the deployment says the trainer
+    # shares its GPU, or with on
+    model = tmp_path / "model"
+    for policy, service in (
+        ({}, False),
+        ({"shares_gpu_with_trainer": True}, True),
+        ({"sleep_during_training": "on"}, True),
+        ({"shares_gpu_with_trainer": True, "sleep_during_training": "off"}, False),
     ):
-        cmd, env = launch(policy)
-        assert "--enable-sleep-mode" not in cmd and "VLLM_SERVER_DEV_MODE" not in env, policy
+        config = cuda_run(tmp_path, "http://127.0.0.1:1", **policy)
+        assert PolicyServer.from_config(config, model).sleep_mode is service, policy
+    cpu = build_config({"policy": {"shares_gpu_with_trainer": True}}, environ={})
+    assert PolicyServer.from_config(cpu, model).sleep_mode is False
     # vLLM's own parser reads the flag (and knows the variable that turns the endpoints on)
-    off_cmd, _ = launch(PolicyServerConfig(device="cuda", sleep_during_training="off"))
     proc = subprocess.run(
         [sys.executable, "-c", VLLM_PARSE, json.dumps([on_cmd[2:], off_cmd[2:]])],
         capture_output=True,
@@ -170,42 +183,95 @@ def test_sleep_wake_and_requests_waiting_while_asleep() -> None:
         assert fake.calls == ["is_sleeping", "sleep?level=1", "is_sleeping", "wake_up", "is_sleeping"]
 
 
-def test_real_vllm_speaks_the_fakes_protocol_and_publishing_verifies_after_a_wake(
-    tiny_model_dir: Path, tiny_lora_dir: Path, tmp_path: Path
-) -> None:
-    """vLLM 0.32 on CPU with VLLM_SERVER_DEV_MODE=1: its sleep endpoints answer as the fake does
-    (on CPU the worker keeps its memory, but the engine pauses and resumes its scheduler as on a
-    GPU), through the embedded driver's hook around a training stage, then an adapter is
-    published and its fingerprint verified. What a GPU does with the memory is not checked here."""
+@pytest.fixture(scope="module")
+def dev_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real vLLM 0.32 on CPU serving the tiny model as "tiny" with VLLM_SERVER_DEV_MODE=1 (the
+    sleep endpoints; on CPU the engine pauses and resumes as on a GPU, the worker keeps its
+    memory) and its access log on, so a test can read which requests reached it and in what order."""
     from selfreward.policy.launcher import PolicyServer
     from selfreward.policy.prepare import prepare_model
 
-    served = prepare_model(str(tiny_model_dir), tmp_path / "cache")
-    policy = PolicyServerConfig(port=0, cpu_kvcache_gib=1, max_lora_rank=16, max_loras=2)
+    served = prepare_model(str(tiny_model_dir), tmp_path_factory.mktemp("sleep-cache"))
+    policy = PolicyServerConfig(port=0, cpu_kvcache_gib=1, max_lora_rank=16, max_loras=2, access_log=True)
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    logs = tmp_path_factory.mktemp("sleep-logs")
     with PolicyServer(
-        served, served_name="tiny", policy=policy, max_model_len=512, log_dir=tmp_path / "logs", env=env
+        served, served_name="tiny", policy=policy, max_model_len=1024, log_dir=logs, env=env
     ) as server:
-        asyncio.run(sleep_protocol(server.url, "tiny", waited_s=1.5))
-        seen: list[bool] = []
+        yield server
 
-        async def train(ctx: StageContext) -> Seen:
-            async with OpenAICompatClient(server.url) as client:
-                seen.append(await client.is_sleeping())
-            return Seen(sleeping=int(seen[-1]))
 
-        config = cuda_run(tmp_path, server.url)
-        stage = Stage(name="sft", run=train, queue="train", result=Seen, needs_policy=never)
-        with policy_asleep_for(config, stage, server.url, own_server=True):
-            run_stage(context(config), stage)
+def requests_seen(server: Any) -> list[str]:
+    """'POST /sleep?level=1', 'POST /v1/completions', ... in the order the server's access log has them."""
+    text = Path(server.log_path).read_text(encoding="utf-8", errors="replace")
+    return re.findall(r'"((?:GET|POST) [^ ]+) HTTP/1\.1"', text)
 
-        async def after() -> dict[str, Any]:
-            async with OpenAICompatClient(server.url) as client:
-                assert await client.is_sleeping() is False
-            return await publish_to_policy(config.services, tiny_lora_dir, name="m1", parent="tiny")
 
-        record = asyncio.run(after())
-        assert seen == [True] and record["max_abs_diff"] < 0.002
+def test_real_vllm_speaks_the_fakes_protocol_and_publishing_verifies_after_a_wake(
+    dev_server: Any, tiny_lora_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM's sleep endpoints answer as the fake does, through the embedded driver's hook around
+    a training stage, then an adapter is published and its fingerprint verified. What a GPU does
+    with the memory is not checked here."""
+    server = dev_server
+    asyncio.run(sleep_protocol(server.url, "tiny", waited_s=1.5))
+    seen: list[bool] = []
+
+    async def train(ctx: StageContext) -> Seen:
+        async with OpenAICompatClient(server.url) as client:
+            seen.append(await client.is_sleeping())
+        return Seen(sleeping=int(seen[-1]))
+
+    config = cuda_run(tmp_path, server.url)
+    stage = Stage(name="sft", run=train, queue="train", result=Seen, needs_policy=never, trains=True)
+    with policy_asleep_for(config, stage, server.url, own_server=True):
+        run_stage(context(config), stage)
+
+    async def after() -> dict[str, Any]:
+        async with OpenAICompatClient(server.url) as client:
+            assert await client.is_sleeping() is False
+        return await publish_to_policy(config.services, tiny_lora_dir, name="m1-sleep", parent="tiny")
+
+    record = asyncio.run(after())
+    assert seen == [True] and record["max_abs_diff"] < 0.002
+
+
+@pytest.mark.timeout(900)
+def test_an_embedded_run_sleeps_the_policy_for_each_training_and_publishes_after(
+    dev_server: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`run_embedded` (set-up and one iteration on the tiny model) with sleep on, against the real
+    server: it sleeps before SFT and DPO and wakes after each, nothing else reaches the server
+    while it sleeps, and each publish after a wake verifies the new adapter (fp32 tolerance)."""
+    from selfreward.drivers.embedded import run_embedded
+    from selfreward.testing.tiny_run import tiny_run_config
+
+    server = dev_server
+    before = len(requests_seen(server))
+    data = tiny_run_config("sleepy-run", tiny_model_dir, server.url, tmp_path, artifact_root=str(tmp_path))
+    # a cuda policy as far as the run knows (sleep mode needs one); the server is vLLM on CPU, so
+    # unseeded requests and the fp32 fingerprint tolerance
+    data["policy"] = {
+        "device": "cuda",
+        "sleep_during_training": "on",
+        "seeded_requests": False,
+        "fingerprint_tolerance": 0.002,
+    }
+    result = run_embedded(build_config(data, environ={}), policy_url=server.url)
+    ran = [(o.t, o.stage) for o in result.outcomes if o.status == "ran"]
+    assert (0, "sft") in ran and (1, "train") in ran and (1, "publish") in ran
+    calls = requests_seen(server)[before:]
+    pauses = [i for i, c in enumerate(calls) if c.startswith("POST /sleep")]
+    wakes = [i for i, c in enumerate(calls) if c.startswith("POST /wake_up")]
+    assert len(pauses) == len(wakes) == 2, calls  # SFT, DPO (not the prepare stage of the train queue)
+    for start, end in zip(pauses, wakes, strict=True):
+        assert start < end and calls[start + 1 : end] == [], calls[start : end + 1]
+    for t in (0, 1):
+        published = read_manifest(Path(result.run_dir) / f"iter-{t}" / "publish.manifest.json")
+        assert published is not None and published["max_abs_diff"] <= 0.002, published
+
+
+# ---------------------------------------------------------------- a server without sleep mode
 
 
 def test_a_server_without_sleep_mode_fails_clearly(tmp_path: Path) -> None:
@@ -257,10 +323,12 @@ def test_embedded_driver_sleeps_before_training_and_wakes_after_also_on_failure(
         # no call at all
         fake.calls.clear()
         other = Stage(name="candidates", run=training_stage(fake).run, queue="generate", result=Seen)
+        prepare_like = Stage(name="prepare", run=training_stage(fake).run, queue="train", result=Seen)
         off = cuda_run(tmp_path, fake.url, sleep_during_training="off")
         for cfg, stage, url, own in (
             (config, training_stage(fake), None, True),
             (config, other, fake.url, True),
+            (config, prepare_like, fake.url, True),  # the train queue's, but it trains nothing
             (off, training_stage(fake), fake.url, True),
             (config, training_stage(fake), fake.url, False),  # a server it was given (policy_url)
         ):

@@ -132,7 +132,7 @@ def policy_asleep_for(
     the first stage that needs one); a no-op for every other stage."""
     from selfreward.policy.sleep import asleep_while
 
-    if stage.queue != "train" or live_url is None:
+    if not stage.trains or live_url is None:
         return contextlib.nullcontext()
     return asleep_while(config, live_url, own_server=own_server)
 
@@ -152,6 +152,7 @@ def run_embedded(
     """
     from selfreward.policy.launcher import PolicyServer
     from selfreward.policy.prepare import prepare_model
+    from selfreward.policy.sleep import run_sleeps
 
     layout = RunLayout(config.artifact_root, config.name)
     check_run_config(layout, config)
@@ -181,6 +182,7 @@ def run_embedded(
                     max_model_len=config.model.max_model_len,
                     adapters=published_adapters(layout),
                     log_dir=layout.logs_dir / "policy",
+                    sleep_mode=run_sleeps(config, own_server=True),  # this server, this machine's GPU
                 )
                 stack.enter_context(server)
                 task.close()

@@ -272,7 +272,7 @@ def policy_for(ctx: StageContext, stage: Stage) -> contextlib.AbstractContextMan
     config = ctx.config
     if not run_sleeps(config, own_server=False) or plan.is_done(ctx.layout, ctx.t, stage):
         return contextlib.nullcontext()
-    if stage.queue == "train":
+    if stage.trains:
         return asleep_while(config, ctx.url, own_server=False)
     if stage.needs_policy(config) and follows_training(stage, ctx.t, config.variant):
 
@@ -284,11 +284,11 @@ def policy_for(ctx: StageContext, stage: Stage) -> contextlib.AbstractContextMan
 
 
 def follows_training(stage: Stage, t: int, method: str | None = None) -> bool:
-    """`stage` comes right after a training stage (the `train` queue) in iteration t's plan."""
+    """`stage` comes right after a training stage (`Stage.trains`) in iteration t's plan."""
     stages = plan.stages_of(t, method)
     names = [s.name for s in stages]
     i = names.index(stage.name) if stage.name in names else -1
-    return i > 0 and stages[i - 1].queue == "train"
+    return i > 0 and stages[i - 1].trains
 
 
 def run_shard(ctx: StageContext, stage: Stage) -> dict[str, Any]:

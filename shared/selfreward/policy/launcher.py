@@ -6,8 +6,9 @@
   every start), KV cache size from `policy.cpu_kvcache_gib` (env VLLM_CPU_KVCACHE_SPACE);
 - cuda: `--dtype auto`, `--gpu-memory-utilization`, `--tensor-parallel-size`, CUDA graphs
   unless `policy.enforce_eager` is true;
-- cuda with `policy.sleep_during_training` resolving on (selfreward.policy.sleep):
-  `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1 (the /sleep and /wake_up endpoints);
+- `sleep_mode` (the policy sleeps during training, selfreward.policy.sleep: the embedded driver
+  and `from_config` resolve it from the run config): `--enable-sleep-mode` and
+  VLLM_SERVER_DEV_MODE=1 (the /sleep and /wake_up endpoints);
 - both: LoRA enabled (`--max-lora-rank`, `--max-loras`), runtime adapter loading
   (VLLM_ALLOW_RUNTIME_LORA_UPDATING), `--max-logprobs`, sampling defaults from vLLM rather
   than from the model's generation_config.json (requests carry their own parameters).
@@ -90,8 +91,10 @@ def vllm_command(
     max_model_len: int,
     port: int,
     adapters: Sequence[Adapter] = (),
+    sleep_mode: bool = False,
 ) -> list[str]:
-    """The full command line (interpreter, entry point, flags) for `policy.device`."""
+    """The full command line (interpreter, entry point, flags) for `policy.device`; with
+    `sleep_mode` (the policy sleeps during training: selfreward.policy.sleep) vLLM's sleep mode."""
     check_policy_config(policy)
     python = policy.python or sys.executable
     cmd = [
@@ -138,7 +141,7 @@ def vllm_command(
         cmd.append("--disable-uvicorn-access-log")
     if adapters:
         cmd += ["--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
-    cmd += server_flags(policy)[0]  # --enable-sleep-mode when the policy sleeps during training
+    cmd += server_flags(sleep_mode)[0]  # --enable-sleep-mode
     cmd += list(policy.extra_args)
     return cmd
 
@@ -146,13 +149,15 @@ def vllm_command(
 LORA_RESOLVER_DIR_ENV = "VLLM_LORA_RESOLVER_CACHE_DIR"
 
 
-def vllm_env(policy: PolicyServerConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def vllm_env(
+    policy: PolicyServerConfig, base: Mapping[str, str] | None = None, sleep_mode: bool = False
+) -> dict[str, str]:
     """The server's environment: the caller's, plus what the flags cannot say."""
     env = dict(os.environ if base is None else base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     env.setdefault("VLLM_NO_USAGE_STATS", "1")  # no usage reports to vLLM's servers
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(server_flags(policy)[1])  # VLLM_SERVER_DEV_MODE=1: the sleep endpoints
+    env.update(server_flags(sleep_mode)[1])  # VLLM_SERVER_DEV_MODE=1: the sleep endpoints
     resolver_dir = env.get(LORA_RESOLVER_DIR_ENV)
     if resolver_dir:
         try:
@@ -219,6 +224,7 @@ class PolicyServer:
         adapters: Sequence[Adapter] = (),
         log_dir: str | Path = Path("artifacts") / "logs" / "policy",
         env: Mapping[str, str] | None = None,
+        sleep_mode: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model = served_name
@@ -227,6 +233,7 @@ class PolicyServer:
         self.adapters = list(adapters)
         self.log_dir = Path(log_dir)
         self.base_env = env
+        self.sleep_mode = sleep_mode
         self.port = self.policy.port
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -235,7 +242,11 @@ class PolicyServer:
     def from_config(
         cls, config: RunConfig, model_dir: str | Path, adapters: Sequence[Adapter] = ()
     ) -> PolicyServer:
-        """The server a run config describes; logs under `<artifact_root>/logs/policy/`."""
+        """The server a run config describes, as a service (`selfreward policy serve`): sleep mode
+        only where the runs sleep it during training, i.e. `policy.sleep_during_training: on`, or
+        auto with `policy.shares_gpu_with_trainer` true; logs under `<artifact_root>/logs/policy/`."""
+        from .sleep import run_sleeps
+
         return cls(
             model_dir,
             served_name=config.model.served_name,
@@ -243,6 +254,7 @@ class PolicyServer:
             max_model_len=config.model.max_model_len,
             adapters=adapters,
             log_dir=config.artifact_root / "logs" / "policy",
+            sleep_mode=run_sleeps(config, own_server=False),
         )
 
     @property
@@ -258,6 +270,7 @@ class PolicyServer:
             max_model_len=self.max_model_len,
             port=self.port,
             adapters=self.adapters,
+            sleep_mode=self.sleep_mode,
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -291,7 +304,7 @@ class PolicyServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=vllm_env(self.policy, self.base_env),
+                env=vllm_env(self.policy, self.base_env, self.sleep_mode),
                 start_new_session=True,  # its own process group: stop() reaches every worker
                 preexec_fn=term_with_parent,
             )

@@ -3,17 +3,23 @@
 When the policy server and the trainer share one GPU (compose's default, the embedded mode on
 a GPU machine), vLLM holds `gpu_memory_utilization` of it for weights and KV cache while a
 training stage runs. With `policy.sleep_during_training` on, the drivers put every replica to
-sleep before a training stage (SFT, DPO: a stage of the `train` queue) and wake them after it,
+sleep before a training stage (SFT, DPO: `Stage.trains`) and wake them after it,
 in a `finally` (a failed training wakes them too); the publish stage that follows then loads
 and verifies the new adapter's fingerprint as it always does.
 
 vLLM 0.32 (`vllm/entrypoints/serve/dev/sleep/api_router.py`, `vllm/v1/engine/core.py`):
 - the server must be started with `--enable-sleep-mode` (CUDA only: vLLM refuses it on CPU) and
-  `VLLM_SERVER_DEV_MODE=1` (the endpoints are development ones); `server_flags` says so;
+  `VLLM_SERVER_DEV_MODE=1` (the endpoints are development ones): `server_flags`, which the
+  launcher adds where the run sleeps the policy (the embedded mode's own server, or
+  `selfreward policy serve` with sleep on / shares_gpu_with_trainer set);
 - `POST /sleep?level=1` offloads the weights (LoRA slots included) to CPU memory and discards
   the KV cache; requests in flight are aborted (its default mode), new ones are accepted and
   wait until `POST /wake_up`; `GET /is_sleeping` answers `{"is_sleeping": bool}`; a server
   without sleep mode answers 404 on all three (`SleepModeUnavailable`, naming the replica).
+
+Before the wake-up the training's cached CUDA memory is released (`release_gpu_memory`): the
+trainer ran in this process (the embedded mode, a trainer job's work-horse), and PyTorch's
+caching allocator would otherwise keep what vLLM needs to map its weights again.
 
 `sleep_during_training` resolves `auto`: on when the policy runs on cuda, training is not on
 CPU and the trainer shares the policy's GPU (`policy.shares_gpu_with_trainer`; unset, it is
@@ -25,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import sys
 import time
 from collections.abc import Iterator, Sequence
 
@@ -59,11 +67,24 @@ def run_sleeps(config: RunConfig, *, own_server: bool) -> bool:
     return sleep_during_training(config.policy, training_device=config.training.device, own_server=own_server)
 
 
-def server_flags(policy: PolicyServerConfig) -> tuple[list[str], dict[str, str]]:
-    """The launcher's extra vLLM arguments and environment for sleep mode (none when off)."""
-    if not sleep_during_training(policy):
-        return [], {}
-    return [SLEEP_FLAG], {DEV_MODE_ENV: "1"}
+def server_flags(sleep_mode: bool) -> tuple[list[str], dict[str, str]]:
+    """The launcher's extra vLLM arguments and environment for sleep mode (none without)."""
+    return ([SLEEP_FLAG], {DEV_MODE_ENV: "1"}) if sleep_mode else ([], {})
+
+
+def release_gpu_memory() -> int:
+    """Give the training's cached CUDA memory back to the GPU, before the policy wakes: training in
+    this process (the embedded mode, a trainer job's work-horse) leaves its tensors in PyTorch's
+    caching allocator, where the woken vLLM could not map its weights and KV cache again. Returns
+    the bytes released; 0 where torch was never imported or CUDA never used (torch is not imported
+    here: the stage worker stays torch-free)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    gc.collect()  # the trainer, its optimizer and model are garbage once the stage returned
+    before = int(torch.cuda.memory_reserved())
+    torch.cuda.empty_cache()
+    return before - int(torch.cuda.memory_reserved())
 
 
 async def policy_urls(services: ServicesConfig, url: str | None = None) -> list[str]:
@@ -141,6 +162,9 @@ def asleep_while(config: RunConfig, url: str | None, *, own_server: bool) -> Ite
         yield urls
         failed = False
     finally:
+        released = release_gpu_memory()
+        if released:
+            log.info("released %.2f GiB of the training's cached GPU memory", released / 2**30)
         started = time.monotonic()
         try:
             asyncio.run(wake_policy(urls, services))

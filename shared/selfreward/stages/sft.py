@@ -95,4 +95,5 @@ STAGE = Stage(
     needs_policy=never,
     timeout_s=24 * 3600,
     description="M1 = SFT(M0) on the seed IFT (+ EFT) data",
+    trains=True,
 )

@@ -2,8 +2,8 @@
 
 A stage is a function from versioned inputs in the artifact store to versioned outputs there.
 Its `Stage` record holds every fact the drivers need: its name, its async `run` function, the
-RQ queue a distributed worker takes it from, whether it talks to the served policy, its job
-timeout, and the typed model of its result. `execute(ctx, stage)` is the one way to run it:
+RQ queue a distributed worker takes it from, whether it talks to the served policy, whether it
+trains a model (the policy may sleep meanwhile), its job timeout, and the typed model of its result. `execute(ctx, stage)` is the one way to run it:
 
 - a stage is done when `iter-<t>/<stage>.manifest.json` exists; `execute` of a done stage
   returns that manifest and runs nothing (idempotent);
@@ -97,6 +97,9 @@ class Stage:
     # the stage can run as `services.judge_shards` shard jobs plus a merge (distributed mode):
     # with StageContext.shard set, `run` does shard i of n only and its result is not a manifest
     shardable: bool = False
+    # the stage trains a model (SFT, DPO): where the policy shares the trainer's GPU it sleeps
+    # while the stage runs (policy.sleep_during_training, selfreward.policy.sleep)
+    trains: bool = False
 
     def result_of(self, manifest: dict[str, Any]) -> StageResult:
         """The typed result held by one of this stage's manifests (InputError when it holds none)."""

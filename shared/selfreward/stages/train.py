@@ -46,6 +46,7 @@ def dpo_stage(name: str, pairs: str, model: Callable[[int], str], description: s
         needs_policy=never,
         timeout_s=24 * 3600,
         description=description,
+        trains=True,
     )
 
 
