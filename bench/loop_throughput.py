@@ -24,9 +24,11 @@ first K candidates of the workload (generation and judging) and extrapolates per
 whole workload; the table says so. As a check that both sides compute the same judgment, HF
 also scores the first `--hf-samples` of our candidates: `max |score diff|` against vLLM's.
 
-    flock /tmp/selfreward-heavy.lock .venv/bin/python bench/loop_throughput.py --lora
+    flock /tmp/selfreward-heavy.lock .venv/bin/python bench/loop_throughput.py --prompts 4 --hf-samples 2
 
-(about 6 minutes on 2 cores with --lora.) Per side and model: candidates/s, judgments/s and the
+(measured on this 2-core machine: about 5 minutes for M0 at --prompts 4 --hf-samples 2; with
+--lora, --prompts 2 --hf-samples 2 took 9 minutes under a load average of 4.8: HF's generate is
+the slow part, about 50 s per 128-token candidate under that load.) Per side and model: candidates/s, judgments/s and the
 wall seconds of the whole iteration (sample + judge); vLLM's start-up is not in the rates. The
 last line is `ratio=<our records/s over the straightforward records/s>` (records: candidates
 sampled and judged; with --lora, of M1, the loop's case).
@@ -401,7 +403,7 @@ def report_lines(
         diff = chk["max_abs_diff"]
         out.append(
             f"{name}: HF's judge on {chk['compared']} of our candidates: max |score diff| vs vLLM "
-            f"{'n/a' if diff is None else f'{diff:.4f}'}"
+            f"{'n/a' if diff is None else f'{diff:.1e}'}"
         )
     last = rows[-2:]
     out.append(f"ratio={last[0]['records_per_s'] / last[1]['records_per_s']:.2f}")
