@@ -68,8 +68,19 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_score_compare_auth_cache_and_metrics(fake: FakeGemini, redis_url: str, redis_conn: Any) -> None:
-    replies = iter(["Good.\nScore: 5", "Weak.\nScore: 2"] * 10)
-    fake.reply = lambda m, p, b: "m" if "Best Model Identifier" in p else next(replies)
+    # each prompt (one response) gets "Good" then "Weak", whatever order the service's concurrent
+    # requests reach the fake in
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def reply(model: str, prompt: str, body: dict[str, Any]) -> str:
+        if "Best Model Identifier" in prompt:
+            return "m"
+        with lock:
+            seen[prompt] = seen.get(prompt, 0) + 1
+            return ["Good.\nScore: 5", "Weak.\nScore: 2"][(seen[prompt] - 1) % 2]
+
+    fake.reply = reply
     body = {"instruction": "Name a prime.", "responses": ["7", "8"]}
     with judge_service(service_env(fake, redis_url)) as client:
         assert client.post("/v1/score", json=body).status_code == 401

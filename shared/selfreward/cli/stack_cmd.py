@@ -33,7 +33,7 @@ def stack_up(
         folder,
         policy_url=policy_url,
         policy_timeout_s=policy_timeout_s,
-        say=lambda m: console.print(m),
+        say=lambda m: console.print(m, highlight=False, soft_wrap=True),
     )
     d = Path(s.dir)
     console.print(
@@ -78,4 +78,4 @@ def stack_down(
     """Stop exactly the processes the stack started (workers first, Redis last)."""
     from selfreward import stack
 
-    stack.down(folder, grace_s=grace_s, say=lambda m: console.print(m, highlight=False))
+    stack.down(folder, grace_s=grace_s, say=lambda m: console.print(m, highlight=False, soft_wrap=True))
