@@ -500,3 +500,55 @@ def test_progress_relay_replays_complete_lines_only(tmp_path: Path) -> None:
         fh.write(', "total": 10, "elapsed_s": 1.0, "eta_s": null, "finished": true, "loss": 0.4}\n')
     relay.poll()
     assert seen[-1]["done"] == 4 and seen[-1]["finished"] and seen[-1]["loss"] == 0.4
+
+
+# ------------------------------------------------------------------ the fused LM head on CPU
+
+
+def test_cpu_fused_lm_head_scores_only_label_positions_with_the_same_loss_and_gradients(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    import trl.kernels.chunked_logprob as kernels
+    import trl.trainer.utils as trl_utils
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from selfreward.training.trainers import score_label_positions_only
+
+    assert score_label_positions_only() and score_label_positions_only()  # installed at import, idempotent
+    assert trl_utils._use_triton(torch.device("cpu")) is True
+
+    rows: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting(hidden: Any, *args: Any) -> Any:
+        rows.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    )
+    ids = torch.randint(0, 500, (2, 24))
+    labels = ids.clone()
+    labels[:, :18] = -100  # the prompt: 2 x (24 - 18) = 12 label positions after the shift
+    labels[1, -2:] = -100  # padding at the end of the second row
+
+    def loss_and_grads() -> tuple[Any, list[Any]]:
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.loss + out.entropy.sum() * 0.1).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return out.loss.detach(), grads
+
+    compact_loss, compact_grads = loss_and_grads()
+    monkeypatch.setattr(trl_utils, "_use_triton", kernels._use_triton)  # TRL's own CPU path
+    full_loss, full_grads = loss_and_grads()
+    assert rows == [10, 2 * 23]  # label positions only, then every shifted position
+    torch.testing.assert_close(compact_loss, full_loss)
+    for got, want in zip(compact_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
