@@ -63,7 +63,10 @@ def check_run(root: Path, name: str, variant: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(600)
 def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: Path, policy_server) -> None:
-    config = tiny_config(tmp_path / "a", "self", tiny_model_dir, policy_server.url)
+    # the default: the embedded run trains in a child process (training.subprocess: auto)
+    config = tiny_config(
+        tmp_path / "a", "self", tiny_model_dir, policy_server.url, training={"subprocess": "auto"}
+    )
     output = run_cli(config, policy_server.url)
     assert "summary" in output
     # the quickstart ends with the command that opens its dashboard
@@ -75,6 +78,11 @@ def test_self_reward_run_end_to_end_and_resume(tmp_path: Path, tiny_model_dir: P
     total = re.search(r"peak memory (\d+\.\d+) GB", output)
     assert total is not None and float(total.group(1)) >= max(peaks) / 1e9 - 0.01, output
     assert (out["run"] / "models" / "m2" / "log_history.jsonl").is_file()
+    for m in ("m1", "m2"):  # each trained by `python -m selfreward.training.train_entry`
+        log = (out["run"] / "logs" / "train" / f"{m}.log").read_text()
+        command = [line for line in log.splitlines() if line.startswith("$ ")]
+        assert len(command) == 1 and " -m selfreward.training.train_entry --request " in command[0], log
+        assert "accelerate.commands.launch" not in command[0]
     assert not (out["run"] / "iter-1" / "candidates.error.json").exists()
     progress = json.loads((out["run"] / "iter-1" / "candidates.progress.json").read_text())
     assert progress["stage"] == "candidates" and progress["current"]["finished"] is True

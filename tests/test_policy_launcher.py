@@ -48,6 +48,9 @@ def test_cpu_command_line(tmp_path: Path) -> None:
     env = vllm_env(policy, {"PATH": "/bin"})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_TARGET_DEVICE"] == "cpu"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["PATH"] == "/bin"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the model in the engine-core process
+    multi = vllm_env(policy.model_copy(update={"cpu_one_worker_process": False}), {})
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in multi
     reserved = vllm_env(policy.model_copy(update={"cpu_reserved_cores": 1}), {})
     assert reserved["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     if (os.cpu_count() or 1) <= 4:  # small machines give vLLM's compute threads every core
@@ -75,6 +78,7 @@ def test_gpu_command_line() -> None:
     assert "--enable-lora" in cmd and "--disable-uvicorn-access-log" not in cmd
     env = vllm_env(policy, {})
     assert "VLLM_CPU_KVCACHE_SPACE" not in env and "VLLM_TARGET_DEVICE" not in env
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
     eager = vllm_command(
         "m",
         served_name="m0",

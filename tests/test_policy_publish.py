@@ -47,6 +47,11 @@ def test_publish_right_adapter_passes_and_is_idempotent(policy_server: Any, tiny
     from selfreward.policy.cpu_lora import IN_USE
 
     assert IN_USE in policy_server.log_path.read_text()
+    # ... in the engine-core process itself (policy.cpu_one_worker_process): no worker process
+    import psutil
+
+    names = [p.name() for p in psutil.Process(policy_server.process.pid).children(recursive=True)]
+    assert "VLLM::EngineCore" in names and "VLLM::Worker" not in names, names
     assert first["served_name"] in served_adapters(policy_server)
     again = run(policy_server, lambda c: publish_adapter(c, tiny_lora_dir, name="m1"))
     assert again["already_loaded"] is True and again["served_name"] == first["served_name"]

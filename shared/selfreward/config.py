@@ -311,6 +311,13 @@ class TrainingConfig(StrictModel):
     )
     tracker: Literal["tensorboard", "wandb", "mlflow", "none"] = "tensorboard"
     num_threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+    subprocess: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="train in a child process (python -m selfreward.training.train_entry), whose memory "
+        "goes back to the OS when it ends; auto: on in the embedded run (selfreward run, where the "
+        "trainer's memory would otherwise stay beside vLLM's for the rest of the run), off elsewhere "
+        "(an RQ worker forks a process per job; selfreward train ends with its job)",
+    )
 
 
 class PolicyServerConfig(StrictModel):
@@ -329,6 +336,13 @@ class PolicyServerConfig(StrictModel):
         description="on CPU, compute LoRA with one matmul per adapter in the batch instead of vLLM "
         "0.32's per-token weight gathers (selfreward.policy.cpu_lora; same results, judging with "
         "an adapter several times faster); false: vLLM's own ops",
+    )
+    cpu_one_worker_process: bool = Field(
+        True,
+        description="CPU: the model runs inside vLLM's engine-core process (VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+        "keeps vLLM's CPU platform on its one-process executor) rather than in a worker process of its "
+        "own: 0.8 GB less and a 15 s shorter start, same throughput (docs/policy.md); false: vLLM's "
+        "multiprocess executor",
     )
     startup_timeout_s: float = Field(600.0, gt=0)
     extra_args: list[str] = []

@@ -202,7 +202,9 @@ def run_embedded(
                     )
                 else:
                     url = server_url() if stage.needs_policy(config) else policy_url
-                    ctx = StageContext(config, layout, t, progress, policy_url=url, redis_url=None)
+                    ctx = StageContext(
+                        config, layout, t, progress, policy_url=url, redis_url=None, embedded=True
+                    )
                     t0 = time.time()
                     memory.start_window()
                     live = server.url if server is not None else policy_url

@@ -3,7 +3,8 @@
 `vllm_command` builds the command line for a device (docs/policy.md explains each flag):
 - cpu: `--dtype float32` (no native bf16 on most CPUs: slow and different greedy outputs),
   `--enforce-eager` unless `policy.enforce_eager` is false (compiling takes 3-4 minutes at
-  every start), KV cache size from `policy.cpu_kvcache_gib` (env VLLM_CPU_KVCACHE_SPACE);
+  every start), KV cache size from `policy.cpu_kvcache_gib` (env VLLM_CPU_KVCACHE_SPACE), the
+  model in the engine-core process (`policy.cpu_one_worker_process`: VLLM_ENABLE_V1_MULTIPROCESSING=0);
 - cuda: `--dtype auto`, `--gpu-memory-utilization`, `--tensor-parallel-size`, CUDA graphs
   unless `policy.enforce_eager` is true;
 - `sleep_mode` (the policy sleeps during training, selfreward.policy.sleep: the embedded driver
@@ -168,6 +169,11 @@ def vllm_env(
         env["VLLM_TARGET_DEVICE"] = "cpu"
         env[cpu_lora.ENV] = "1" if policy.grouped_cpu_lora else "0"
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(policy.cpu_kvcache_gib))
+        if policy.cpu_one_worker_process:
+            # the API server still runs its engine core in a process of its own (AsyncLLM); this
+            # only keeps the model in that process (vllm/platforms/cpu.py picks the "mp" executor
+            # when the variable is 1)
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         reserved = policy.cpu_reserved_cores
         if reserved is None and (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
             # vLLM keeps one core for its scheduler: half the machine on 2 cores (53 against

@@ -84,7 +84,7 @@ async def run(ctx: StageContext) -> TrainResult:
         seed_dir=str(ctx.layout.seed_dir),
         base_model=str(base_model_dir(ctx)),
     )
-    return TrainResult.of(run_training(request, ctx.progress))
+    return TrainResult.of(run_training(request, ctx.progress, embedded=ctx.embedded))
 
 
 STAGE = Stage(

@@ -142,6 +142,7 @@ class StageContext:
     redis_url: str | None = None
     earlier_seconds: float = 0.0  # wall time of this stage's earlier attempts (distributed mode)
     shard: tuple[int, int] | None = None  # (i, n): shard i of n of a shardable stage
+    embedded: bool = False  # run by the embedded driver (training.subprocess: auto trains in a child)
     _policy: OpenAICompatClient | None = field(default=None, init=False, repr=False)
     _served: dict[int, str] = field(default_factory=dict, init=False, repr=False)
 

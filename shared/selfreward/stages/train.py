@@ -36,7 +36,7 @@ def dpo_stage(name: str, pairs: str, model: Callable[[int], str], description: s
             base_model=str(base_model_dir(ctx)),
             preference_confidence=confidence,
         )
-        return TrainResult.of(run_training(request, ctx.progress))
+        return TrainResult.of(run_training(request, ctx.progress, embedded=ctx.embedded))
 
     return Stage(
         name=name,

@@ -57,6 +57,9 @@ def tiny_run_config(
             "checkpoint_steps": 1,
             "num_threads": 1,
             "tracker": "none",
+            # in this process: a child would import torch again, ~7 s per training (the default,
+            # auto = a child in the embedded run, is tested in tests/test_loop_e2e.py)
+            "subprocess": "off",
         },
         "services": {"policy_url": policy_url, "concurrency": 8},
         "eval": {"max_prompts": 3, "max_tokens": 24, "bootstrap_samples": 200},

@@ -176,8 +176,18 @@ def _reset_stale_work(request: TrainRequest, key: str, identity: dict[str, Any])
 # ------------------------------------------------------------------ the outer layer
 
 
-def run(request: TrainRequest, progress: Progress = NULL_PROGRESS) -> dict[str, Any]:
-    """Run (or resume, or skip as already done) one training job; return its manifest."""
+def trains_in_child(request: TrainRequest, embedded: bool = False) -> bool:
+    """`training.subprocess`: on, off, or auto (= `embedded`: the caller is the embedded run)."""
+    mode = request.config.training.subprocess
+    return mode == "on" or (mode == "auto" and embedded)
+
+
+def run(
+    request: TrainRequest, progress: Progress = NULL_PROGRESS, *, embedded: bool = False
+) -> dict[str, Any]:
+    """Run (or resume, or skip as already done) one training job; return its manifest.
+
+    `embedded`: called by the embedded run (`training.subprocess: auto` then trains in a child)."""
     tokenizer, data = prepare(request)
     identity = job_identity(request, data)
     key = job_key(identity)
@@ -190,10 +200,10 @@ def run(request: TrainRequest, progress: Progress = NULL_PROGRESS) -> dict[str, 
         if done is not None:
             return done
         _reset_stale_work(request, key, identity)
-        if request.config.training.accelerate_config:
-            from .launch import run_accelerate
+        if request.config.training.accelerate_config or trains_in_child(request, embedded):
+            from .launch import run_in_child
 
-            run_accelerate(request, progress)
+            run_in_child(request, progress)
         else:
             fit(request, progress, prepared=(tokenizer, data))
         manifest = read_manifest(request.manifest_path)
