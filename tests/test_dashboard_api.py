@@ -328,6 +328,10 @@ def test_the_coordinator_serves_the_dashboard_with_its_auth_rules(
         assert it["status"] == "failed" and it["error"]["record"] == "prompts.jsonl:3"
         states = {s["stage"]: s for s in it["stages"]}
         assert states["prompts"]["state"] == "done" and "iteration" not in states["prompts"]["counts"]
+        # the manifest's envelope is not among the counts
+        assert not {"written_at", "started_at", "peak_rss_bytes", "seconds"} & set(
+            states["prompts"]["counts"]
+        )
         assert (
             states["candidates"]["state"] == "failed"
             and states["candidates"]["error"]["stage"] == "candidates"

@@ -27,10 +27,12 @@ import yaml
 from selfreward.config import RunConfig, build_config
 from selfreward.errors import named_record
 from selfreward.stages import plan
+from selfreward.stages.stage import ENVELOPE
 from selfreward.storage import RunLayout, read_manifest
 
-# manifest keys too bulky (or too internal) for the page's counts
-BULKY = {"config", "inputs", "outputs", "stage", "iteration", "run", "variant", "seed", "config_sha256"}
+# manifest keys that are not the stage's counts: bulky ones and the envelope every stage manifest
+# carries (when, how long, peak memory: shown as their own fields)
+BULKY = {"config", "inputs", *ENVELOPE}
 # a progress file not updated for this long, of a process this host cannot check, is stale
 STALE_S = 600.0
 
@@ -226,7 +228,12 @@ class ArtifactSource:
             error = _read_json(layout.stage_error(t, s.name))
             progress = _read_json(layout.stage_progress(t, s.name))
             if manifest is not None:
-                entry.update(state="done", seconds=manifest.get("seconds"), counts=counts_of(manifest))
+                entry.update(
+                    state="done",
+                    seconds=manifest.get("seconds"),
+                    peak_rss_bytes=manifest.get("peak_rss_bytes"),
+                    counts=counts_of(manifest),
+                )
                 entry["started_at"] = manifest.get("started_at")
             elif error is not None and (
                 progress is None

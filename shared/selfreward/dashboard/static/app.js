@@ -256,12 +256,13 @@
       detail = (p.task || "") + " " + done + (total ? "/" + total : "") + (p.eta_s ? ", ETA " + secs(p.eta_s) : "") + (p.loss !== undefined ? ", loss " + num(p.loss, 4) : "");
     }
     const counts = s.counts ? Object.keys(s.counts).filter(function (k) {
-      const v = s.counts[k]; return k !== "seconds" && k !== "seconds_total" && k !== "started_at" && k !== "written_at" && (typeof v === "number" || (v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length < 6));
+      const v = s.counts[k]; return typeof v === "number" || (v && typeof v === "object" && !Array.isArray(v) && Object.keys(v).length < 6);
     }).map(function (k) { const v = s.counts[k]; return k + " " + (typeof v === "object" ? JSON.stringify(v) : (Number.isInteger(v) ? v : num(v, 3))); }).join(", ") : "";
+    const peak = s.peak_rss_bytes ? "peak memory " + num(s.peak_rss_bytes / 1e9, 2) + " GB" : "";
     const rows = [h("tr", { class: "stage " + s.state, "data-stage": s.stage, "data-state": s.state }, [
       h("td", { text: s.stage }), h("td", {}, state(s.state)), h("td", {}, [bar, h("div", { class: "small muted progress-text", text: detail })]),
       h("td", { class: "n", text: s.state === "done" ? secs(s.seconds) : (p && p.stage_elapsed_s ? secs(p.stage_elapsed_s) : "") }),
-      h("td", { class: "small", text: counts + (s.shards ? " (" + s.shards.length + " shards)" : "") }),
+      h("td", { class: "small", text: [counts + (s.shards ? " (" + s.shards.length + " shards)" : ""), peak].filter(Boolean).join("; ") }),
     ])];
     if (s.error) {
       const e = typeof s.error === "string" ? { message: s.error } : s.error;
