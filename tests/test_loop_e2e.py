@@ -465,3 +465,41 @@ def test_meta_reward_two_iterations_with_trends(tmp_path: Path, tiny_model_dir: 
         "Evaluator: `policy:tiny` (the base model M0" in (run / "eval" / "iter-2" / "report.md").read_text()
     )
     assert "win rate vs fixed baseline" in page and "Held-out check" in page and "sha256" in page
+
+
+@pytest.mark.timeout(900)
+def test_an_embedded_run_stops_its_own_policy_while_training_and_serves_the_adapters_after(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """policy.stop_during_training: the run starts its own vLLM for the set-up's publish, stops it
+    for DPO, and the next stage (publish M2) starts it again with M1 served from the start; M2's
+    fingerprint is verified on the new server and the evaluation compares both."""
+    from selfreward.config import build_config
+    from selfreward.drivers.embedded import run_embedded
+
+    data = tiny_run_config(
+        "stopper",
+        tiny_model_dir,
+        "http://127.0.0.1:9",  # never used: the run starts its own server
+        tmp_path,
+        artifact_root=str(tmp_path),
+        policy={
+            "port": 0,
+            "cpu_kvcache_gib": 1,
+            "max_lora_rank": 16,
+            "max_loras": 2,
+            "stop_during_training": True,
+        },
+    )
+    result = run_embedded(build_config(data, environ={}))
+    ran = [(o.t, o.stage) for o in result.outcomes if o.status == "ran"]
+    assert ran[-4:] == [(1, "pairs"), (1, "train"), (1, "publish"), (1, "evaluate")], ran
+    run = Path(result.run_dir)
+    starts = sorted((run / "logs" / "policy").glob("*.log"))
+    assert len(starts) == 2, starts  # once for the set-up's publish, once after DPO
+    assert "m1-" in starts[1].read_text()  # the second server served M1 from its start (--lora-modules)
+    for t in (0, 1):
+        published = read_manifest(run / f"iter-{t}" / "publish.manifest.json")
+        assert published is not None and published["max_abs_diff"] <= 0.002, published
+    report = json.loads((run / "eval" / "iter-1" / "report.json").read_text())
+    assert report["model"].startswith("m2-") and report["baseline"].startswith("m1-")

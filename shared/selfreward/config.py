@@ -375,6 +375,13 @@ class PolicyServerConfig(StrictModel):
         "its GPU with the trainer (shares_gpu_with_trainer), off on CPU (vLLM has no sleep mode there); "
         "untested on a GPU until bench/gpu_check.sh runs (docs/deployment.md)",
     )
+    stop_during_training: bool = Field(
+        False,
+        description="the embedded run stops the policy server it started while a training stage runs and "
+        "starts it again for the next stage that needs it, serving the published adapters: the trainer "
+        "and vLLM never hold memory at the same time (what sleep mode does on a GPU; vLLM's CPU sleep "
+        "keeps the memory). Costs one server start per training stage (about 30 s for SmolLM2-135M on CPU)",
+    )
     shares_gpu_with_trainer: bool | None = Field(
         None,
         description="the trainer trains on the policy's GPU (what sleep_during_training: auto reads); "

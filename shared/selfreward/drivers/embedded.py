@@ -7,7 +7,11 @@ in order, each with `stage.run_stage` (one event loop per stage). It starts the 
 needs it (`Stage.needs_policy`) runs, with every adapter already published by this run, and
 stops it at the end. With `policy.sleep_during_training` resolving on (a policy on cuda,
 training on the same GPU: selfreward.policy.sleep), the policy sleeps while each training stage
-runs and is woken after it, also when the training fails. Finished stages are skipped (their manifests exist), so running the same
+runs and is woken after it, also when the training fails; with `policy.stop_during_training`
+the server this run started is stopped before each training stage and started again, with the
+published adapters, by the next stage that needs it (the trainer and vLLM never hold memory at
+the same time). Training stages run in a child process (`training.subprocess: auto`). Finished
+stages are skipped (their manifests exist), so running the same
 command again after a crash or Ctrl-C resumes at the first unfinished stage. There is no Redis
 in this mode: the judges a stage builds cache their verdicts in-process, and the stage files
 are the resume state.
@@ -201,6 +205,10 @@ def run_embedded(
                         t, stage.name, "done before", float(done.get("seconds", 0.0)), done
                     )
                 else:
+                    if stage.trains and server is not None and config.policy.stop_during_training:
+                        # the next stage that needs the policy starts it again (published adapters)
+                        server.stop()
+                        server = None
                     url = server_url() if stage.needs_policy(config) else policy_url
                     ctx = StageContext(
                         config, layout, t, progress, policy_url=url, redis_url=None, embedded=True

@@ -242,6 +242,7 @@ class PolicyServer:
         self.sleep_mode = sleep_mode
         self.port = self.policy.port
         self.process: subprocess.Popen[bytes] | None = None
+        self._stopped = False
         self.log_path: Path | None = None
 
     @classmethod
@@ -350,10 +351,14 @@ class PolicyServer:
             self.process.send_signal(signum)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM the server, wait, then SIGKILL its whole process group; return its exit status."""
+        """SIGTERM the server, wait, then SIGKILL its whole process group; return its exit status.
+        A second call only returns the status (the group's id may belong to another process by then)."""
         if self.process is None:
             return None
         proc = self.process
+        if self._stopped:
+            return proc.returncode
+        self._stopped = True
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
