@@ -15,6 +15,11 @@ app = typer.Typer(
 DIR_HELP = "the stack's folder: stack.json, logs/, redis/ (default .selfreward-stack)"
 
 
+def _say(message: str) -> None:
+    """One line of what the stack does, never hard-wrapped (paths and commands stay copyable)."""
+    console.print(message, highlight=False, soft_wrap=True)
+
+
 @app.command("up")
 @friendly_errors
 def stack_up(
@@ -33,7 +38,7 @@ def stack_up(
         folder,
         policy_url=policy_url,
         policy_timeout_s=policy_timeout_s,
-        say=lambda m: console.print(m, highlight=False, soft_wrap=True),
+        say=_say,
     )
     d = Path(s.dir)
     console.print(
@@ -78,4 +83,4 @@ def stack_down(
     """Stop exactly the processes the stack started (workers first, Redis last)."""
     from selfreward import stack
 
-    stack.down(folder, grace_s=grace_s, say=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    stack.down(folder, grace_s=grace_s, say=_say)

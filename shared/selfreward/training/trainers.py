@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trl
 import trl.trainer.utils as trl_utils
 from trl import DPOTrainer, SFTTrainer
 
@@ -56,7 +57,7 @@ def score_label_positions_only() -> bool:
     path, correct, only slower on CPU."""
     current: Callable[[Any], bool] | None = getattr(trl_utils, "_use_triton", None)
     if current is None or not hasattr(trl_utils, "add_fused_lm_head"):
-        log.debug("trl %s: no fused LM head switch; every position is scored on CPU", trl_utils.__name__)
+        log.debug("trl %s: no fused LM head switch; every position is scored on CPU", trl.__version__)
         return False
     if getattr(current, "_selfreward_compact", False):
         return True
