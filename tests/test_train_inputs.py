@@ -552,3 +552,32 @@ def test_cpu_fused_lm_head_scores_only_label_positions_with_the_same_loss_and_gr
     torch.testing.assert_close(compact_loss, full_loss)
     for got, want in zip(compact_grads, full_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_training_child_raises_once_with_its_log_tail(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """training.subprocess: on with weights that cannot be loaded (the tokenizer, checked in this
+    process, is fine): the child fails, and the job raises one StageError naming the child, its
+    status and the base model's error from the child's log; no model folder is written."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "model.safetensors").write_bytes(b"not a safetensors file")
+    seed = tmp_path / "seed"
+    write_jsonl(
+        seed / "ift.jsonl", [{"id": "i0", "tree_id": "t0", "prompt": "Name a color.", "response": "Blue."}]
+    )
+    cfg = make_config(
+        tmp_path / "art",
+        base,
+        sft={"max_steps": 1, "batch_size": 1, "per_device_batch_size": 1},
+        data={"eft_in_sft": False},
+        training={"subprocess": "on", "device": "cpu", "tracker": "none"},
+    )
+    request = sft_request(cfg, seed_dir=seed)
+    with pytest.raises(StageError) as err:
+        runner.run(request)
+    text = str(err.value)
+    assert "the training process exited with status 2" in text and str(request.log_file) in text
+    assert f"base model {base}" in text, text
+    assert not request.model_dir.exists()

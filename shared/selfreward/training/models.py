@@ -47,12 +47,13 @@ def load_policy(request: TrainRequest, precision: str, device: str):  # -> PreTr
     the fingerprint and the fp32 policy server use).
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if device == "cpu" else getattr(torch, DTYPES[precision])
     try:
         model = AutoModelForCausalLM.from_pretrained(request.base_model, dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # a corrupt weights file: SafetensorError
         raise InputError(
             f"base model {request.base_model}: cannot be loaded as a causal LM ({exc})"
         ) from None
