@@ -470,3 +470,55 @@ def test_alpaca_command_with_instruction_difficulty(fake: FakeGemini, tmp_path: 
         app, [*args[:-4], "--out-dir", str(tmp_path / "o2"), "--difficulty", str(csv)]
     )
     assert result.exit_code == 2 and "difficulties lack 3 of the 5 judged instructions" in result.output
+
+
+def test_both_served_sides_answer_at_once_within_the_answer_concurrency(
+    fake: FakeGemini, tmp_path: Path
+) -> None:
+    """Generated answers of both sides share one batch: `answer_concurrency` requests in flight for
+    the two together (the client's own limit is smaller), both models at once; a re-run asks nothing."""
+    from selfreward.llm.openai import OpenAICompatClient
+    from selfreward.testing.fake_vllm import fake_vllm
+
+    prompts = load_prompt_set(
+        str(
+            write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "instruction": f"task {i}"} for i in range(6)])
+        )
+    )
+
+    async def go(server_url: str, answer_concurrency: int | None, work: Path) -> dict[str, Any]:
+        judge = judge_for(fake)
+        client = OpenAICompatClient(server_url, concurrency=2, pool_size=8)
+        try:
+            return await run_head2head(
+                AnswerSide("m2"),
+                AnswerSide("m1"),
+                prompts,
+                judge=judge,
+                judge_name=judge.name,
+                client=client,
+                work_dir=work,
+                bootstrap_samples=100,
+                answer_concurrency=answer_concurrency,
+            )
+        finally:
+            await judge.aclose()
+            await client.aclose()
+
+    with fake_vllm() as server:
+        server.adapters.update(m1="/adapters/m1", m2="/adapters/m2")
+        server.chat_delay_s = 0.2
+        data = asyncio.run(go(server.url, 8, tmp_path / "wide"))
+        assert data["prompt_count"] == 6 and data["sources"] == {"m2": "generated", "m1": "generated"}
+        assert sorted(server.chats) == ["m1"] * 6 + ["m2"] * 6
+        assert server.peak_in_flight == 8 and server.peak_models_in_flight == 2
+        answers = load_jsonl(tmp_path / "wide" / "answers-m2.jsonl")
+        assert sorted(a["output"] for a in answers) == [f"m2: task {i}" for i in range(6)]
+
+        server.chats.clear()
+        again = asyncio.run(go(server.url, 8, tmp_path / "wide"))  # resumed: nothing generated again
+        assert server.chats == [] and again["win_rate"] == data["win_rate"]
+
+        server.peak_in_flight = 0
+        asyncio.run(go(server.url, None, tmp_path / "narrow"))  # no answer_concurrency: the client's 2
+        assert len(server.chats) == 12 and server.peak_in_flight == 2

@@ -501,6 +501,13 @@ class EvalConfig(StrictModel):
         0.0, ge=0.0, description="sampling temperature of evaluation answers (0 = greedy)"
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    concurrency: int = Field(
+        96,
+        ge=1,
+        description="evaluation answer requests in flight, both models' answers together: decoding reads every "
+        "weight once per step whatever the batch, so a bigger batch is faster (docs/evaluation.md); "
+        "concurrency x (prompt + max_tokens) tokens should fit vLLM's KV cache, else it preempts",
+    )
     collapse_threshold: float = Field(
         0.9,
         gt=0.0,

@@ -237,7 +237,7 @@ def head2head(
         client = None
         if not (side_a.is_file and side_b.is_file):
             client = OpenAICompatClient(
-                url, concurrency=cfg.services.concurrency, timeout_s=cfg.services.request_timeout_s
+                url, concurrency=cfg.eval.concurrency, timeout_s=cfg.services.request_timeout_s
             )
         j = make_run_judge(judge, cfg, policy_url=url, redis_url=redis_url)
         try:
@@ -332,7 +332,7 @@ def alpaca(
             None
             if side.is_file
             else OpenAICompatClient(
-                url, concurrency=cfg.services.concurrency, timeout_s=cfg.services.request_timeout_s
+                url, concurrency=cfg.eval.concurrency, timeout_s=cfg.services.request_timeout_s
             )
         )
         j = make_run_judge(judge, cfg, policy_url=url, redis_url=redis_url) if judge else None

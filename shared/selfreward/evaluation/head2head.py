@@ -3,6 +3,7 @@ both orders (`Judge.compare`), and win/tie/loss with bootstrap intervals is repo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,15 @@ async def run_head2head(
     prompts_spec: str | None = None,
     progress: Progress = NULL_PROGRESS,
     sharding: Sharding | None = None,
+    answer_concurrency: int | None = None,
 ) -> dict[str, Any]:
     """Head-to-head data (report.json content): A's win/tie/loss against B, answer lengths, settings.
 
-    Generated answers are kept in `answers_dir` (default `work_dir`), verdicts in
-    `work_dir/verdicts-<a>-vs-<b>.jsonl`; both are resumable. A shard job (`sharding.is_shard`)
+    Both sides' answers are generated at once, `answer_concurrency` requests in flight for the
+    two together (default: the client's own limit): decoding on a CPU reads every weight once
+    per step whatever the batch, so one batch of both models' answers is faster than two
+    (`eval.concurrency`, docs/evaluation.md). Generated answers are kept in `answers_dir`
+    (default `work_dir`), verdicts in `work_dir/verdicts-<a>-vs-<b>.jsonl`; both are resumable. A shard job (`sharding.is_shard`)
     answers and judges its part of the prompts into shard files (`selfreward.shards`) and
     returns only its counts; the stage's own job merges them and computes the data.
     """
@@ -49,24 +54,27 @@ async def run_head2head(
         prompts = pick(prompts, sharding, lambda p: p.id)
         if not prompts:
             return {"kind": "head2head-shard", "prompt_count": 0, "judged": 0}
-    answers_a = await collect_answers(
-        a,
-        prompts,
-        client=client,
-        store_dir=answers_dir,
-        settings=settings,
-        progress=progress,
-        sharding=sharding,
-    )
-    answers_b = await collect_answers(
-        b,
-        prompts,
-        client=client,
-        store_dir=answers_dir,
-        settings=settings,
-        progress=progress,
-        sharding=sharding,
-    )
+    generator = client
+    if client is not None and answer_concurrency is not None:
+        generator = client.view(concurrency=answer_concurrency)
+    try:
+        answers_a, answers_b = await asyncio.gather(
+            *(
+                collect_answers(
+                    side,
+                    prompts,
+                    client=generator,
+                    store_dir=answers_dir,
+                    settings=settings,
+                    progress=progress,
+                    sharding=sharding,
+                )
+                for side in (a, b)
+            )
+        )
+    finally:
+        if generator is not client and generator is not None:
+            await generator.aclose()
     items = [PairItem(p.id, p.instruction, answers_a[p.id], answers_b[p.id]) for p in prompts]
     verdicts = await judge_pairs(
         judge,

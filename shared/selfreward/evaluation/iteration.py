@@ -210,6 +210,7 @@ async def evaluate_iteration(
                 prompts_spec=config.eval.prompts,
                 progress=progress,
                 sharding=sharding,
+                answer_concurrency=config.eval.concurrency,
             )
             if shard_job:
                 shard_counts[f"head2head {base}"] = h2h["judged"]

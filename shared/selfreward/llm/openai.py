@@ -136,7 +136,10 @@ class OpenAICompatClient:
         initial_backoff_s: float = 0.5,
         on_retry: Callable[[BaseException], None] | None = None,
         limits: AnyLimits | None = None,
+        pool_size: int | None = None,
     ) -> None:
+        """`pool_size`: requests the connection pool serves at once for this client and its
+        views (default `concurrency`): a view with more in flight waits for connections."""
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -145,7 +148,10 @@ class OpenAICompatClient:
         self.limits: AnyLimits = limits if limits is not None else Limits(concurrency, requests_per_minute)
         self._shared = _Shared(
             build_http_client(
-                base_url=self.base_url, timeout_s=timeout_s, concurrency=concurrency, headers=bearer(api_key)
+                base_url=self.base_url,
+                timeout_s=timeout_s,
+                concurrency=max(concurrency, pool_size or 0),
+                headers=bearer(api_key),
             )
         )
         self._owner = True

@@ -152,11 +152,15 @@ class StageContext:
 
     @property
     def policy(self) -> OpenAICompatClient:
-        """The stage's one client of the policy service (opened on first use)."""
+        """The stage's one client of the policy service (opened on first use): `services.concurrency`
+        requests in flight; its pool also serves the evaluation's answers (`eval.concurrency`)."""
         if self._policy is None:
             s = self.config.services
             self._policy = OpenAICompatClient(
-                self.url, concurrency=s.concurrency, timeout_s=s.request_timeout_s
+                self.url,
+                concurrency=s.concurrency,
+                timeout_s=s.request_timeout_s,
+                pool_size=self.config.eval.concurrency,
             )
         return self._policy
 

@@ -16,6 +16,9 @@ vLLM servers. Its answers come from the adapters' own fingerprints (manifest.jso
   (FastAPI's {"detail": "Not Found"}, a route that does not exist); while asleep a completion
   request is accepted and waits until /wake_up, as vLLM's paused scheduler queues new requests
   (`calls` records every sleep-mode call in order, `queued_while_asleep` the requests that waited);
+- `POST /v1/chat/completions` answers `<model>: <last user message>` after `chat_delay_s`
+  (an answer takes time, as decoding does) and counts requests in flight, overall and per model
+  (`peak_in_flight`, `peak_models_in_flight`: how many models had requests in flight at once);
 - with `resolver_dir`, an unknown model name is loaded on first request from `<resolver_dir>/<name>/`
   when its adapter_config.json is a LoRA on `base_root`: the rule of vLLM 0.32's filesystem LoRA
   resolver (`vllm/plugins/lora_resolvers/filesystem_resolver.py`).
@@ -59,6 +62,11 @@ class FakeVLLM:
     sleeping: int = 0  # the level it sleeps at; 0: awake
     calls: list[str] = field(default_factory=list)  # "sleep?level=1", "wake_up", "is_sleeping"
     queued_while_asleep: int = 0
+    chat_delay_s: float = 0.05
+    chats: list[str] = field(default_factory=list)  # the model of every chat request, in arrival order
+    in_flight: dict[str, int] = field(default_factory=dict)  # model -> chat requests in flight
+    peak_in_flight: int = 0
+    peak_models_in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -171,6 +179,32 @@ def _build_app(fake: FakeVLLM) -> FastAPI:
             with fake._lock:
                 fake.calls.append("is_sleeping")
                 return {"is_sleeping": fake.sleeping != 0}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        model = str(body["model"])
+        with fake._lock:
+            if model != fake.base_name and model not in fake.adapters and not fake._resolve(model):
+                return _error(404, f"The model `{model}` does not exist. Valid aliases: {fake.base_name}.")
+            fake.chats.append(model)
+            fake.in_flight[model] = fake.in_flight.get(model, 0) + 1
+            fake.peak_in_flight = max(fake.peak_in_flight, sum(fake.in_flight.values()))
+            fake.peak_models_in_flight = max(
+                fake.peak_models_in_flight, sum(1 for n in fake.in_flight.values() if n)
+            )
+        try:
+            await asyncio.sleep(fake.chat_delay_s)
+        finally:
+            with fake._lock:
+                fake.in_flight[model] -= 1
+        text = f"{model}: {body['messages'][-1]['content']}"
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            for i in range(int(body.get("n", 1)))
+        ]
+        usage = {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}
+        return {"object": "chat.completion", "model": model, "choices": choices, "usage": usage}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
