@@ -298,6 +298,29 @@ def stop(local: Local) -> None:
         proc.wait(timeout=10)
 
 
+def stop_all(locals_: list[Local]) -> None:
+    """Stop every process, Redis last: the others are sent SIGTERM together, so they shut down
+    side by side (one after the other took 10 s here)."""
+    first = [lo for lo in locals_ if lo.spec.service != "redis"]
+    for local in first:
+        if local.proc is not None and local.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(local.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for local in first:
+        if local.proc is None:
+            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            local.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(local.proc.pid, signal.SIGKILL)  # what is left of its group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            local.proc.wait(timeout=10)
+    for local in locals_:
+        if local not in first:
+            stop(local)
+
+
 def tail(local: Local, lines: int = 30) -> str:
     if not local.log.is_file():
         return "(no output)"
@@ -646,8 +669,7 @@ def deployment(
         )
         yield {"locals": locals_, "same_as": same_as, "peers": peers, "conn": conn, "tmp": tmp}
     finally:
-        for local in reversed(locals_):
-            stop(local)
+        stop_all(locals_)
         conn.close()
 
 
