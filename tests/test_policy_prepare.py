@@ -147,3 +147,32 @@ def test_cli_prepare(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert result.stdout.strip().endswith(str(out)) and (out / PREPARED_MODEL_MANIFEST).is_file()
     bad = CliRunner().invoke(app, ["policy", "prepare", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "model folder not found" in bad.output
+
+
+def test_a_gguf_file_is_read_once_while_converting(tmp_path: Path) -> None:
+    """transformers parses a GGUF file for the tokenizer, the config and the weights: within the
+    conversion `gguf` hands out one reader per file and one tensor-name map per architecture,
+    and afterwards its own names are back (the full SmolLM2 conversion gives byte-identical
+    files either way, 25 -> 13 s; tests/test_policy_smollm2.py serves and fingerprints it)."""
+    import gguf
+    import numpy as np
+
+    from selfreward.policy.prepare import _gguf_read_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_read_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and first.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 2).get_name("token_embd") == "token_embd"
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is name_map
+    assert gguf.GGUFReader(path) is not first

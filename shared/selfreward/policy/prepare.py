@@ -220,18 +220,48 @@ def _make_readable(folder: Path) -> None:
             file.chmod(0o666 & ~umask)
 
 
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """While converting, the `gguf` library reads each file once and builds each tensor-name map
+    once: transformers parses the file three times (tokenizer, config, weights; 5 s each for
+    SmolLM2's 49,152-token vocabulary on 2 cores) and builds gguf's name map again for every
+    module (397 times, 16 ms each). transformers imports both names from `gguf` at each call,
+    so memoised module attributes serve it; the originals are restored afterwards."""
+    import functools
+
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def read(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)  # type: ignore[arg-type]
+        return readers[key]
+
+    gguf.GGUFReader = read  # type: ignore[assignment,misc]
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map  # type: ignore[misc]
+        readers.clear()
+
+
 def _convert_gguf(gguf: Path, dst: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent,
-            gguf_file=gguf.name,
-            quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
+        with _gguf_read_once():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                gguf.parent,
+                gguf_file=gguf.name,
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise InputError(f"{gguf}: cannot load this GGUF file with transformers: {exc}") from None
     config = loaded.config
