@@ -283,42 +283,29 @@ def start(local: Local) -> None:
         )
 
 
-def stop(local: Local) -> None:
-    proc = local.proc
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+def stop_together(group: list[Local]) -> None:
+    """SIGTERM every process of `group` at once, wait up to 20 s for them, then SIGKILL what is
+    left of each process group."""
+    procs = [lo.proc for lo in group if lo.proc is not None]
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def stop_all(locals_: list[Local]) -> None:
-    """Stop every process, Redis last: the others are sent SIGTERM together, so they shut down
-    side by side (one after the other took 10 s here)."""
-    first = [lo for lo in locals_ if lo.spec.service != "redis"]
-    for local in first:
-        if local.proc is not None and local.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(local.proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for local in first:
-        if local.proc is None:
-            continue
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            local.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(local.proc.pid, signal.SIGKILL)  # what is left of its group
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            local.proc.wait(timeout=10)
-    for local in locals_:
-        if local not in first:
-            stop(local)
+    """Stop every process, Redis last: the others shut down side by side (one after the other
+    took 10 s here)."""
+    stop_together([lo for lo in locals_ if lo.spec.service != "redis"])
+    stop_together([lo for lo in locals_ if lo.spec.service == "redis"])
 
 
 def tail(local: Local, lines: int = 30) -> str:

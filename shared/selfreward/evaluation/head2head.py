@@ -45,9 +45,10 @@ async def run_head2head(
     two together (default: the client's own limit): decoding on a CPU reads every weight once
     per step whatever the batch, so one batch of both models' answers is faster than two
     (`eval.concurrency`, docs/evaluation.md). Generated answers are kept in `answers_dir`
-    (default `work_dir`), verdicts in `work_dir/verdicts-<a>-vs-<b>.jsonl`; both are resumable. A shard job (`sharding.is_shard`)
-    answers and judges its part of the prompts into shard files (`selfreward.shards`) and
-    returns only its counts; the stage's own job merges them and computes the data.
+    (default `work_dir`), verdicts in `work_dir/verdicts-<a>-vs-<b>.jsonl`; both are resumable.
+    A shard job (`sharding.is_shard`) answers and judges its part of the prompts into shard files
+    (`selfreward.shards`) and returns only its counts; the stage's own job merges them and
+    computes the data.
     """
     answers_dir = answers_dir or work_dir
     if sharding is not None and sharding.is_shard:
